@@ -1,0 +1,339 @@
+//! vCPU threads: one named thread per vCPU, driven by messages.
+//!
+//! A vCPU thread starts **paused**: it waits for `Resume` (which is how a VM starts, and later how
+//! a restored VM starts). While running it loops on `KVM_RUN` and dispatches every exit through
+//! the PIO or MMIO bus — no port numbers live here. To get a vCPU's attention while it is inside
+//! `KVM_RUN` (pause, exit), the handle sends the command and then a signal (`SIGRTMIN`); the
+//! signal handler sets `immediate_exit` in that thread's `kvm_run`, so `KVM_RUN` returns `EINTR`
+//! at once even if the signal lands just before the thread enters the kernel. The thread answers
+//! every command with an event, so the VMM knows when all vCPUs are paused.
+//!
+//! A stop requested through `ExitSignal` (by any thread) keeps every vCPU out of `KVM_RUN` from
+//! its next iteration on; the VMM then sends `Exit` and joins the threads.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::{Arc, Once};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{
+    kvm_run, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::devices::Bus;
+use crate::exit::{ExitSignal, VmExit};
+
+/// Errors managing vCPU threads.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("cannot install the vcpu kick signal handler")]
+    SignalHandler(#[source] vmm_sys_util::errno::Error),
+    #[error("cannot start the thread for vcpu {0}")]
+    Spawn(u8, #[source] std::io::Error),
+    #[error("vcpu {0} thread is gone")]
+    Gone(u8),
+    #[error("vcpu {0} did not answer within {1:?}")]
+    Timeout(u8, Duration),
+    #[error("cannot signal vcpu {0}")]
+    Kick(u8, #[source] vmm_sys_util::errno::Error),
+}
+
+/// What the VMM asks of a vCPU thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuCommand {
+    /// Run guest code (also how a VM starts).
+    Resume,
+    /// Leave `KVM_RUN` and wait for the next command.
+    Pause,
+    /// Leave the thread.
+    Exit,
+}
+
+/// What a vCPU thread answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuEvent {
+    Resumed,
+    Paused,
+    Exited,
+}
+
+thread_local! {
+    /// This thread's `kvm_run` mapping, for the kick signal handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(|r| r.get());
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own kvm_run mapping, set by the vCPU thread while
+        // its VcpuFd (which owns the mapping) is alive, and cleared before the VcpuFd is dropped.
+        // A volatile byte store is async-signal-safe.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+fn install_kick_handler() -> Result<(), VcpuError> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = register_signal_handler(kick_signal(), handle_kick);
+    });
+    result.map_err(VcpuError::SignalHandler)
+}
+
+/// The VMM's side of one vCPU thread.
+#[derive(Debug)]
+pub struct VcpuHandle {
+    id: u8,
+    commands: Sender<VcpuCommand>,
+    events: Receiver<VcpuEvent>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VcpuHandle {
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    /// Sends a command and kicks the thread out of `KVM_RUN` so it sees it.
+    pub fn send(&self, cmd: VcpuCommand) -> Result<(), VcpuError> {
+        self.commands
+            .send(cmd)
+            .map_err(|_| VcpuError::Gone(self.id))?;
+        self.kick()
+    }
+
+    fn kick(&self) -> Result<(), VcpuError> {
+        match &self.thread {
+            Some(t) if !t.is_finished() => t
+                .kill(kick_signal())
+                .map_err(|e| VcpuError::Kick(self.id, e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Waits for the thread's answer.
+    pub fn wait(&self, timeout: Duration) -> Result<VcpuEvent, VcpuError> {
+        self.events.recv_timeout(timeout).map_err(|e| match e {
+            RecvTimeoutError::Timeout => VcpuError::Timeout(self.id, timeout),
+            RecvTimeoutError::Disconnected => VcpuError::Gone(self.id),
+        })
+    }
+
+    /// Tells the thread to leave and joins it.
+    pub fn exit(mut self) {
+        // A thread that already left has dropped its receiver; nothing more to do then.
+        let _ = self.send(VcpuCommand::Exit);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                log::error!("vcpu {} thread panicked", self.id);
+            }
+        }
+    }
+}
+
+/// A configured vCPU, before its thread starts.
+pub struct Vcpu {
+    id: u8,
+    fd: VcpuFd,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    exit: Arc<ExitSignal>,
+}
+
+/// What one `KVM_RUN` led to.
+enum Step {
+    Continue,
+    Stop(VmExit),
+    /// KVM_EXIT_INTERNAL_ERROR: the details are read once the exit's borrow ends.
+    InternalError,
+}
+
+static UNCLAIMED: AtomicU64 = AtomicU64::new(0);
+
+/// Logs an access no device claims, rate-limited: the first 32, then one in 4096.
+fn log_unclaimed(kind: &str, addr: u64, len: usize, write: bool) {
+    let n = UNCLAIMED.fetch_add(1, Ordering::Relaxed);
+    if n < 32 || n % 4096 == 0 {
+        log::debug!(
+            "unclaimed {kind} {} at {addr:#x}, {len} bytes (#{})",
+            if write { "write" } else { "read" },
+            n + 1
+        );
+    }
+}
+
+impl Vcpu {
+    pub fn new(id: u8, fd: VcpuFd, pio: Arc<Bus>, mmio: Arc<Bus>, exit: Arc<ExitSignal>) -> Self {
+        Vcpu {
+            id,
+            fd,
+            pio,
+            mmio,
+            exit,
+        }
+    }
+
+    /// Starts the thread `vcpuN`, paused.
+    pub fn start(self) -> Result<VcpuHandle, VcpuError> {
+        install_kick_handler()?;
+        let id = self.id;
+        let (cmd_tx, cmd_rx) = channel();
+        let (evt_tx, evt_rx) = channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || self.thread_main(cmd_rx, evt_tx))
+            .map_err(|e| VcpuError::Spawn(id, e))?;
+        Ok(VcpuHandle {
+            id,
+            commands: cmd_tx,
+            events: evt_rx,
+            thread: Some(thread),
+        })
+    }
+
+    fn thread_main(mut self, commands: Receiver<VcpuCommand>, events: Sender<VcpuEvent>) {
+        let run: *mut kvm_run = self.fd.get_kvm_run();
+        KVM_RUN.with(|r| r.set(run));
+        self.serve(&commands, &events);
+        KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+        let _ = events.send(VcpuEvent::Exited);
+    }
+
+    /// The command loop; returns when told to exit or when the VMM side is gone.
+    fn serve(&mut self, commands: &Receiver<VcpuCommand>, events: &Sender<VcpuEvent>) {
+        let mut running = false;
+        loop {
+            let cmd = if running && !self.exit.requested() {
+                match commands.try_recv() {
+                    Ok(c) => Some(c),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => return,
+                }
+            } else {
+                // Paused, or the VM is stopping: run no guest code, wait for the VMM.
+                match commands.recv() {
+                    Ok(c) => Some(c),
+                    Err(_) => return,
+                }
+            };
+            match cmd {
+                Some(VcpuCommand::Exit) => return,
+                Some(VcpuCommand::Pause) => {
+                    running = false;
+                    let _ = events.send(VcpuEvent::Paused);
+                    continue;
+                }
+                Some(VcpuCommand::Resume) => {
+                    running = true;
+                    let _ = events.send(VcpuEvent::Resumed);
+                    continue;
+                }
+                None => {}
+            }
+            if let Step::Stop(why) = self.run_once() {
+                self.exit.request(why);
+            }
+        }
+    }
+
+    fn run_once(&mut self) -> Step {
+        let id = self.id;
+        let step = match self.fd.run() {
+            Ok(exit) => match exit {
+                VcpuExit::IoIn(port, data) => {
+                    if !self.pio.read(u64::from(port), data) {
+                        log_unclaimed("port", u64::from(port), data.len(), false);
+                        data.fill(0xff);
+                    }
+                    Step::Continue
+                }
+                VcpuExit::IoOut(port, data) => {
+                    if !self.pio.write(u64::from(port), data) {
+                        log_unclaimed("port", u64::from(port), data.len(), true);
+                    }
+                    Step::Continue
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    if !self.mmio.read(addr, data) {
+                        log_unclaimed("mmio", addr, data.len(), false);
+                        data.fill(0xff);
+                    }
+                    Step::Continue
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    if !self.mmio.write(addr, data) {
+                        log_unclaimed("mmio", addr, data.len(), true);
+                    }
+                    Step::Continue
+                }
+                VcpuExit::IoapicEoi(_) | VcpuExit::Intr => Step::Continue,
+                VcpuExit::Shutdown => Step::Stop(VmExit::Fault(format!(
+                    "guest triple fault on vcpu {id} (KVM_EXIT_SHUTDOWN)"
+                ))),
+                VcpuExit::SystemEvent(kind, _) => match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN => Step::Stop(VmExit::Shutdown),
+                    KVM_SYSTEM_EVENT_RESET => Step::Stop(VmExit::Reset),
+                    KVM_SYSTEM_EVENT_CRASH => {
+                        Step::Stop(VmExit::Fault(format!("guest crashed on vcpu {id}")))
+                    }
+                    other => Step::Stop(VmExit::Fault(format!(
+                        "unhandled KVM system event {other} on vcpu {id}"
+                    ))),
+                },
+                VcpuExit::Hlt => Step::Stop(VmExit::Fault(format!(
+                    "vcpu {id} halted with no in-kernel interrupt controller to wake it"
+                ))),
+                VcpuExit::FailEntry(reason, cpu) => Step::Stop(VmExit::Fault(format!(
+                    "vcpu {id}: KVM could not enter the guest (hardware reason {reason:#x}, host cpu {cpu})"
+                ))),
+                VcpuExit::InternalError => Step::InternalError,
+                other => Step::Stop(VmExit::Fault(format!(
+                    "vcpu {id}: unhandled KVM exit {other:?}"
+                ))),
+            },
+            Err(e) => match e.errno() {
+                libc::EINTR => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    Step::Continue
+                }
+                // An AP that just got INIT: KVM wants the call repeated.
+                libc::EAGAIN => Step::Continue,
+                _ => Step::Stop(VmExit::Fault(format!("vcpu {id}: KVM_RUN failed: {e}"))),
+            },
+        };
+        match step {
+            Step::InternalError => Step::Stop(VmExit::Fault(self.internal_error())),
+            s => s,
+        }
+    }
+
+    /// Describes a `KVM_EXIT_INTERNAL_ERROR` from the `kvm_run` page.
+    fn internal_error(&mut self) -> String {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so `internal` is the union member
+        // KVM filled in; both fields read are plain integers.
+        let (sub, ndata) = unsafe {
+            let i = run.__bindgen_anon_1.internal;
+            (i.suberror, i.ndata)
+        };
+        let what = match sub {
+            kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => "instruction emulation failed",
+            kvm_bindings::KVM_INTERNAL_ERROR_SIMUL_EX => "exception while delivering an exception",
+            kvm_bindings::KVM_INTERNAL_ERROR_DELIVERY_EV => "event delivery failed",
+            _ => "unexpected exit",
+        };
+        format!(
+            "vcpu {}: KVM internal error, suberror {sub} ({what}, {ndata} data words)",
+            self.id
+        )
+    }
+}

@@ -1,0 +1,53 @@
+//! # Ledge: a micro-VM monitor for edge hosts
+//!
+//! Ledge runs each workload in its own KVM micro-VM. This crate is the one core behind every
+//! front end: the `ledge` command line (src/main.rs), and Rust programs that embed it.
+//!
+//! ## Using it as a library
+//! ```no_run
+//! let mut config = ledge::config::VmConfig::default(); // the built-in probe guest
+//! config.boot.cmdline = Some("probe=hello".into());
+//! let mut vmm = ledge::builder::build(&config)?;   // vCPUs created, paused
+//! let exit = vmm.run()?;                            // start, serve events until the guest stops
+//! assert!(exit.is_clean());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//! The library never exits the process, never touches the terminal, and reports every failure
+//! as a typed error.
+//!
+//! ## Threads
+//! - the caller's thread runs the VMM event loop (`Vmm::run` / `Vmm::poll`): the stop event and
+//!   console input;
+//! - one thread per vCPU, named `vcpuN`, started paused and driven by `VcpuCommand`s
+//!   (`kvm::vcpu`); guest port and MMIO accesses are dispatched on these threads through
+//!   `devices::Bus`.
+//!
+//! ## Code map
+//! - `config`: `VmConfig`, the one schema, and its validation;
+//! - `cli`: command-line flags → `VmConfig` (no VM logic);
+//! - `builder`: `VmConfig` → `Vmm` (the boot order lives there);
+//! - `vmm`: `Vmm`, the lifecycle transition table, the event loop;
+//! - `exit`: why a VM stops and how any thread asks for it;
+//! - `kvm`: /dev/kvm, guest memory slots, vCPU threads and exit dispatch;
+//! - `arch::x86_64`: the guest physical layout, CPUID, MSRs, registers, MP table;
+//! - `boot`: kernel (vmlinux, bzImage, PVH ELF) and initrd loading, boot parameters;
+//! - `devices`: the buses and the legacy devices (COM1, i8042);
+//! - `probe`: the embedded probe guest.
+//!
+//! resources/ARCHITECTURE.md has the longer version.
+
+pub mod arch;
+pub mod boot;
+pub mod builder;
+pub mod cli;
+pub mod config;
+pub mod devices;
+pub mod exit;
+pub mod kvm;
+pub mod probe;
+pub mod vmm;
+
+pub use builder::build;
+pub use config::VmConfig;
+pub use exit::VmExit;
+pub use vmm::{VmState, Vmm};

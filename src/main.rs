@@ -1,0 +1,70 @@
+//! The `ledge` binary: parse the command line, pick the logger, run, turn the outcome into an
+//! exit status. Exit status: 0 when the guest reset or powered off, 1 with a one-line reason
+//! on any error (bad input, KVM, a guest fault such as a triple fault), 2 for usage errors.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use ledge::cli::{Cli, Command};
+
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::max_level()
+    }
+
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(
+                err,
+                "ledge: {}: {}",
+                r.level().as_str().to_lowercase(),
+                r.args()
+            );
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: StderrLogger = StderrLogger;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = cli.log_level.parse().unwrap_or(log::LevelFilter::Warn);
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(level);
+    }
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ledge: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::ExportProbe { path } => {
+            std::fs::write(&path, ledge::probe::PROBE_ELF)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run(args) => {
+            let config = args.to_config()?;
+            let mut vmm = ledge::build(&config)?;
+            let exit = vmm.run()?;
+            if exit.is_clean() {
+                log::info!("{exit}");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                anyhow::bail!("{exit}")
+            }
+        }
+    }
+}

@@ -1,0 +1,358 @@
+//! `Vmm`: owns one VM — its KVM handles, memory, devices and vCPU threads — and its lifecycle.
+//!
+//! Every state change asks `VmState::check_transition` first; a refused change is a typed error
+//! naming the current state. The VMM thread (whoever calls `run`) runs one event loop
+//! (event-manager) over the stop eventfd and serial input; all device I/O that is not a vCPU
+//! exit runs there. vCPUs are started paused by the builder: `start` and a later restore are
+//! both "resume".
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::VmFd;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+
+use crate::config::VmConfig;
+use crate::devices::legacy::SerialDevice;
+use crate::exit::{ExitSignal, VmExit};
+use crate::kvm::vcpu::{VcpuCommand, VcpuError, VcpuEvent, VcpuHandle};
+
+/// How long a vCPU may take to answer a command before the VMM gives up on it.
+const VCPU_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The lifecycle of a VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum VmState {
+    NotStarted,
+    Running,
+    Paused,
+    Stopped,
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VmState::NotStarted => "Not started",
+            VmState::Running => "Running",
+            VmState::Paused => "Paused",
+            VmState::Stopped => "Stopped",
+        })
+    }
+}
+
+impl VmState {
+    /// The one transition table: every state change in Ledge is checked here.
+    pub fn check_transition(self, to: VmState) -> Result<(), VmmError> {
+        use VmState::*;
+        let ok = matches!(
+            (self, to),
+            (NotStarted, Running)
+                | (Running, Paused)
+                | (Paused, Running)
+                | (NotStarted | Running | Paused, Stopped)
+        );
+        if ok {
+            Ok(())
+        } else {
+            Err(VmmError::Transition { from: self, to })
+        }
+    }
+}
+
+/// Errors running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("the VM cannot go from {from} to {to}")]
+    Transition { from: VmState, to: VmState },
+    #[error("vcpu control failed")]
+    Vcpu(#[from] VcpuError),
+    #[error("vcpu {id} answered {got:?} instead of {want:?}")]
+    VcpuAnswer {
+        id: u8,
+        got: VcpuEvent,
+        want: VcpuEvent,
+    },
+    #[error("cannot set up the VMM event loop")]
+    EventLoop(#[source] event_manager::Error),
+}
+
+/// Everything one VM is made of. Built by `builder::build`.
+pub struct Vmm {
+    state: VmState,
+    config: VmConfig,
+    // Field order is drop order: vCPU threads are joined (in `Drop`) before the VM fd and the
+    // memory they use go away.
+    vcpus: Vec<VcpuHandle>,
+    exit: Arc<ExitSignal>,
+    serial: Arc<Mutex<SerialDevice>>,
+    events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    _vm: VmFd,
+    mem: GuestMemoryMmap,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("state", &self.state)
+            .field("vcpus", &self.vcpus.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The parts the builder hands over.
+pub(crate) struct VmParts {
+    pub config: VmConfig,
+    pub vm: VmFd,
+    pub mem: GuestMemoryMmap,
+    pub vcpus: Vec<VcpuHandle>,
+    pub exit: Arc<ExitSignal>,
+    pub serial: Arc<Mutex<SerialDevice>>,
+}
+
+impl Vmm {
+    pub(crate) fn new(parts: VmParts) -> Result<Self, VmmError> {
+        let mut events = EventManager::new().map_err(VmmError::EventLoop)?;
+        let stop_watch: Arc<Mutex<dyn MutEventSubscriber + Send>> =
+            Arc::new(Mutex::new(StopWatch(parts.exit.clone())));
+        events.add_subscriber(stop_watch);
+        if parts.config.console == crate::config::ConsoleConfig::Stdio {
+            let input: Arc<Mutex<dyn MutEventSubscriber + Send>> =
+                Arc::new(Mutex::new(SerialInput::stdin(parts.serial.clone())));
+            events.add_subscriber(input);
+        }
+        Ok(Vmm {
+            state: VmState::NotStarted,
+            config: parts.config,
+            vcpus: parts.vcpus,
+            exit: parts.exit,
+            serial: parts.serial,
+            events,
+            _vm: parts.vm,
+            mem: parts.mem,
+        })
+    }
+
+    pub fn state(&self) -> VmState {
+        self.state
+    }
+
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Guest memory, for callers that inspect or snapshot it.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The stop request every thread shares; `request` on it stops the VM.
+    pub fn exit_signal(&self) -> Arc<ExitSignal> {
+        self.exit.clone()
+    }
+
+    /// Queues bytes for the guest's COM1 input; returns how many fitted.
+    pub fn send_console_input(&self, bytes: &[u8]) -> usize {
+        let mut s = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        let room = s.input_room().min(bytes.len());
+        s.enqueue_input(&bytes[..room])
+    }
+
+    /// Runs the guest: the vCPUs leave their paused start.
+    pub fn start(&mut self) -> Result<(), VmmError> {
+        self.state.check_transition(VmState::Running)?;
+        self.command_all(VcpuCommand::Resume, VcpuEvent::Resumed)?;
+        self.state = VmState::Running;
+        Ok(())
+    }
+
+    /// Stops every vCPU outside guest code and waits until all have.
+    pub fn pause(&mut self) -> Result<(), VmmError> {
+        self.state.check_transition(VmState::Paused)?;
+        self.command_all(VcpuCommand::Pause, VcpuEvent::Paused)?;
+        self.state = VmState::Paused;
+        Ok(())
+    }
+
+    pub fn resume(&mut self) -> Result<(), VmmError> {
+        self.state.check_transition(VmState::Running)?;
+        self.command_all(VcpuCommand::Resume, VcpuEvent::Resumed)?;
+        self.state = VmState::Running;
+        Ok(())
+    }
+
+    fn command_all(&self, cmd: VcpuCommand, want: VcpuEvent) -> Result<(), VmmError> {
+        for v in &self.vcpus {
+            v.send(cmd)?;
+        }
+        for v in &self.vcpus {
+            let got = v.wait(VCPU_ANSWER_TIMEOUT)?;
+            if got != want {
+                return Err(VmmError::VcpuAnswer {
+                    id: v.id(),
+                    got,
+                    want,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Serves the event loop once, waiting at most `timeout_ms` (-1: until something happens).
+    /// Returns the exit reason once the VM has stopped.
+    pub fn poll(&mut self, timeout_ms: i32) -> Result<Option<VmExit>, VmmError> {
+        if !self.exit.requested() {
+            self.events
+                .run_with_timeout(timeout_ms)
+                .map_err(VmmError::EventLoop)?;
+        }
+        match self.exit.reason() {
+            Some(why) => {
+                self.shutdown();
+                Ok(Some(why))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Runs the VMM event loop until the guest stops; starts the VM first if needed.
+    pub fn run(&mut self) -> Result<VmExit, VmmError> {
+        if self.state == VmState::NotStarted {
+            self.start()?;
+        }
+        loop {
+            if let Some(why) = self.poll(-1)? {
+                return Ok(why);
+            }
+        }
+    }
+
+    /// Asks the VM to stop from the host side; `run`/`poll` then return `VmExit::Stopped`.
+    pub fn request_stop(&self) {
+        self.exit.request(VmExit::Stopped);
+    }
+
+    /// Joins every vCPU thread; the VM is stopped afterwards.
+    fn shutdown(&mut self) {
+        if self.state != VmState::Stopped {
+            // Any thread may have asked for the stop; make sure the vCPUs see it.
+            if !self.exit.requested() {
+                self.exit.request(VmExit::Stopped);
+            }
+            for v in self.vcpus.drain(..) {
+                v.exit();
+            }
+            self.state = VmState::Stopped;
+        }
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Clears the stop eventfd so the event loop returns and `poll` sees the request.
+struct StopWatch(Arc<ExitSignal>);
+
+impl MutEventSubscriber for StopWatch {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.event().read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.0.event(), EventSet::IN)) {
+            log::error!("cannot watch the VM stop event: {e}");
+        }
+    }
+}
+
+/// Forwards the VMM's stdin to COM1 when the console is `stdio`.
+struct SerialInput {
+    source: Option<File>,
+    serial: Arc<Mutex<SerialDevice>>,
+}
+
+impl SerialInput {
+    fn stdin(serial: Arc<Mutex<SerialDevice>>) -> Self {
+        // A duplicate of fd 0, read unbuffered so epoll readiness and our reads agree.
+        let source = std::io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .map(File::from)
+            .ok();
+        SerialInput { source, serial }
+    }
+}
+
+impl MutEventSubscriber for SerialInput {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let Some(src) = self.source.as_mut() else {
+            return;
+        };
+        let mut s = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        // The guest's receive FIFO is small; when it is full, the byte that woke us is dropped
+        // rather than spinning on a readable stdin.
+        let room = s.input_room().clamp(1, 64);
+        let mut buf = [0u8; 64];
+        match src.read(&mut buf[..room]) {
+            Ok(0) | Err(_) => {
+                // EOF or a broken stdin: stop watching it, the guest keeps running.
+                let _ = ops.remove(events);
+                self.source = None;
+            }
+            Ok(n) => {
+                let taken = s.enqueue_input(&buf[..n]);
+                if taken < n {
+                    log::debug!("serial input: {} bytes dropped, guest FIFO full", n - taken);
+                }
+            }
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let Some(src) = self.source.as_ref() else {
+            return;
+        };
+        // epoll refuses regular files and /dev/null: then there is simply no console input.
+        if let Err(e) = ops.add(Events::new(src, EventSet::IN)) {
+            log::debug!("stdin cannot be polled ({e}); the guest console has no input");
+            self.source = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transition_table() {
+        use VmState::*;
+        let all = [NotStarted, Running, Paused, Stopped];
+        let allowed = [
+            (NotStarted, Running),
+            (Running, Paused),
+            (Paused, Running),
+            (NotStarted, Stopped),
+            (Running, Stopped),
+            (Paused, Stopped),
+        ];
+        for from in all {
+            for to in all {
+                assert_eq!(
+                    from.check_transition(to).is_ok(),
+                    allowed.contains(&(from, to)),
+                    "{from:?} -> {to:?}"
+                );
+            }
+        }
+        let e = Stopped.check_transition(Running).unwrap_err().to_string();
+        assert_eq!(e, "the VM cannot go from Stopped to Running");
+    }
+}
