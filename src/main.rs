@@ -33,7 +33,21 @@ impl log::Log for StderrLogger {
 
 static LOGGER: StderrLogger = StderrLogger;
 
+/// Makes sure fds 0, 1 and 2 are open (on /dev/null if they were closed), so that no file
+/// Ledge opens later — an eventfd, the console file — lands on "stdin" and gets read as
+/// console input, or on "stdout" and gets the guest's output.
+fn fill_standard_fds() {
+    use std::os::fd::AsRawFd;
+    while let Ok(f) = std::fs::File::options().read(true).write(true).open("/dev/null") {
+        if f.as_raw_fd() > 2 {
+            break; // dropped: closes it
+        }
+        std::mem::forget(f); // keeps 0, 1 or 2 pointing at /dev/null for the process lifetime
+    }
+}
+
 fn main() -> ExitCode {
+    fill_standard_fds();
     let cli = Cli::parse();
     let level = cli.log_level.parse().unwrap_or(log::LevelFilter::Warn);
     if log::set_logger(&LOGGER).is_ok() {
