@@ -326,6 +326,21 @@ pub enum BootError {
 
 /// Opens what `req` names and loads it; see [`load_from`].
 pub fn load<M: GuestMemoryBackend>(mem: &M, req: BootRequest<'_>) -> Result<BootSetup, BootError> {
+    let mut kernel_file;
+    let kernel: &mut dyn ReadSeek = match req.kernel {
+        BootSource::Path(path) => {
+            kernel_file = File::open(path).map_err(|source| BootError::OpenKernel {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            log::info!("loading kernel {}", path.display());
+            &mut kernel_file
+        }
+        BootSource::Image { name, reader } => {
+            log::info!("loading kernel image {name}");
+            reader
+        }
+    };
     let mut initrd = match req.initrd {
         Some(path) => Some(File::open(path).map_err(|source| BootError::OpenInitrd {
             path: path.to_path_buf(),
@@ -333,35 +348,14 @@ pub fn load<M: GuestMemoryBackend>(mem: &M, req: BootRequest<'_>) -> Result<Boot
         })?),
         None => None,
     };
-    let initrd = initrd.as_mut().map(|f| f as &mut dyn ReadSeek);
-    match req.kernel {
-        BootSource::Path(path) => {
-            let mut kernel = File::open(path).map_err(|source| BootError::OpenKernel {
-                path: path.to_path_buf(),
-                source,
-            })?;
-            log::info!("loading kernel {}", path.display());
-            load_from(
-                mem,
-                &mut kernel,
-                initrd,
-                req.cmdline,
-                req.protocol,
-                req.num_vcpus,
-            )
-        }
-        BootSource::Image { name, reader } => {
-            log::info!("loading kernel image {name}");
-            load_from(
-                mem,
-                reader,
-                initrd,
-                req.cmdline,
-                req.protocol,
-                req.num_vcpus,
-            )
-        }
-    }
+    load_from(
+        mem,
+        kernel,
+        initrd.as_mut().map(|f| f as &mut dyn ReadSeek),
+        req.cmdline,
+        req.protocol,
+        req.num_vcpus,
+    )
 }
 
 /// Loads a kernel (and initrd) from open readers into `mem` and writes all boot information.
@@ -1143,7 +1137,7 @@ pub(crate) mod tests {
         let err = load(&m, req).unwrap_err();
         assert_eq!(err.to_string(), "cannot open kernel /nonexistent/vmlinux");
         assert!(std::error::Error::source(&err).is_some());
-        // A missing initrd is named too, and checked before the kernel is read.
+        // A missing initrd is named too.
         let elf = test_elf(&[0xf4], &[0xf4], true, 0x2000);
         let req = BootRequest {
             kernel: BootSource::Image {
@@ -1249,7 +1243,9 @@ pub(crate) mod tests {
         // Bigger than VolatileReader's 1 MiB buffer, with a pattern to catch misplaced chunks.
         let m = mem(64);
         let elf = test_elf(&[0xf4], &[0xf4], true, 0x2000);
-        let initrd: Vec<u8> = (0..(3 * MIB as u32 + 123)).map(|i| (i % 251) as u8).collect();
+        let initrd: Vec<u8> = (0..(3 * MIB as u32 + 123))
+            .map(|i| (i % 251) as u8)
+            .collect();
         let setup = load_bytes(&m, &elf, Some(&initrd), "", BootProtocol::Auto).unwrap();
         let info: hvm_start_info = m.read_obj(setup.boot_info).unwrap();
         let module: hvm_modlist_entry = m.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
