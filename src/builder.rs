@@ -10,13 +10,18 @@ use std::fs::OpenOptions;
 use std::io::Cursor;
 use std::sync::{Arc, Mutex};
 
+use event_manager::MutEventSubscriber;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::{self as arch, layout};
 use crate::boot::{self, BootRequest, BootSource};
 use crate::config::{ConfigError, ConsoleConfig, VmConfig};
 use crate::devices::legacy::{self, SerialDevice, SerialOut, I8042};
+use crate::devices::virtio::mmio::{MmioTransport, SharedDevice, NOTIFY_OFFSET};
+use crate::devices::virtio::{rng::Rng, Interrupt, VirtioDevice};
 use crate::devices::{Bus, BusDevice, BusError};
 use crate::exit::ExitSignal;
 use crate::kvm::{self, memory::MemoryError, vcpu::Vcpu, vcpu::VcpuError, KvmError};
@@ -59,6 +64,10 @@ pub enum BuildError {
     },
     #[error("vcpu set-up failed")]
     Vcpu(#[from] VcpuError),
+    #[error("no room for another virtio device (at most {0})")]
+    NoDeviceSlot(usize),
+    #[error("virtio-rng")]
+    Rng(#[from] crate::devices::virtio::rng::RngError),
     #[error(transparent)]
     Vmm(#[from] VmmError),
 }
@@ -97,11 +106,15 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
         legacy::I8042_LEN,
         BusDevice::I8042(Arc::new(Mutex::new(I8042::new(exit.clone())))),
     )?;
-    let mmio = Bus::new();
+    let mut virtio = VirtioSlots::new();
+    if config.rng {
+        virtio.add(&vm, &mem, Rng::new()?)?;
+    }
+    let mmio = std::mem::take(&mut virtio.bus);
 
     let vcpu_count =
         u8::try_from(config.machine.vcpus).map_err(|_| ConfigError::Vcpus(config.machine.vcpus))?;
-    let cmdline = config.boot.effective_cmdline();
+    let cmdline = join_cmdline(&config.boot.effective_cmdline(), &virtio.cmdline);
     let mut probe = Cursor::new(crate::probe::PROBE_ELF);
     let kernel_name = match &config.boot.kernel {
         Some(path) => path.display().to_string(),
@@ -162,7 +175,84 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
         vcpus,
         exit,
         serial,
+        subscribers: virtio.subscribers,
     })?)
+}
+
+/// Hands out virtio-mmio windows and GSIs, in order, from one place, and collects what each
+/// device needs elsewhere: its bus entry, its kernel command-line fragment, its event-loop
+/// subscription.
+struct VirtioSlots {
+    bus: Bus,
+    count: u64,
+    cmdline: String,
+    subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+}
+
+impl VirtioSlots {
+    fn new() -> Self {
+        VirtioSlots {
+            bus: Bus::new(),
+            count: 0,
+            cmdline: String::new(),
+            subscribers: Vec::new(),
+        }
+    }
+
+    /// Places `dev` in the next window: ioeventfds on QueueNotify (one per queue, matched on
+    /// the queue index), an irqfd on its GSI, the transport on the MMIO bus.
+    fn add<D>(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        dev: D,
+    ) -> Result<Arc<Mutex<D>>, BuildError>
+    where
+        D: VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
+        let max = u64::from(layout::LAST_DEVICE_IRQ - layout::FIRST_DEVICE_IRQ + 1);
+        if self.count >= max {
+            return Err(BuildError::NoDeviceSlot(max as usize));
+        }
+        let addr = layout::VIRTIO_MMIO_START + self.count * layout::VIRTIO_MMIO_WINDOW;
+        // `count` < 19, so the GSI fits.
+        let irq = layout::FIRST_DEVICE_IRQ + self.count as u32;
+        let queues = dev.queue_max_sizes().len();
+        let dev = Arc::new(Mutex::new(dev));
+
+        let irqfd = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+        vm.register_irqfd(&irqfd, irq)
+            .map_err(kvm_call("registering a virtio irqfd"))?;
+        let mut queue_evts = Vec::with_capacity(queues);
+        for i in 0..queues as u32 {
+            let evt = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+            vm.register_ioevent(&evt, &IoEventAddress::Mmio(addr + NOTIFY_OFFSET), i)
+                .map_err(kvm_call("registering a virtio ioeventfd"))?;
+            queue_evts.push(evt);
+        }
+        let shared: SharedDevice = dev.clone();
+        let transport = MmioTransport::new(
+            shared,
+            mem.clone(),
+            Arc::new(Interrupt::new(irqfd)),
+            queue_evts,
+        );
+        self.bus.insert(
+            addr,
+            layout::VIRTIO_MMIO_WINDOW,
+            BusDevice::Virtio(Arc::new(Mutex::new(transport))),
+        )?;
+        self.cmdline
+            .push_str(&format!(" virtio_mmio.device=4K@{addr:#x}:{irq}"));
+        self.subscribers.push(dev.clone());
+        self.count += 1;
+        Ok(dev)
+    }
+}
+
+/// The caller's command line followed by what the devices add.
+fn join_cmdline(base: &str, extra: &str) -> String {
+    format!("{base} {extra}").trim().to_string()
 }
 
 fn console_writer(console: &ConsoleConfig) -> Result<SerialOut, BuildError> {

@@ -33,7 +33,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot a VM in the foreground; exits when the guest powers off or reboots.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Write the built-in probe guest (a PVH ELF) to PATH.
     ExportProbe {
         /// Where to write the ELF.
@@ -65,7 +65,23 @@ pub struct RunArgs {
     /// Boot protocol: auto (PVH if the ELF has the PVH note, else Linux), linux or pvh.
     #[arg(long, value_name = "PROTO")]
     pub boot_protocol: Option<BootProtocol>,
-    /// JSON config file (keys: machine, boot, console); flags override its values.
+    /// A virtio-blk disk: path=P[,ro][,id=ID][,root] (repeatable).
+    #[arg(long, value_name = "SPEC")]
+    pub disk: Vec<crate::config::DiskConfig>,
+    /// A virtio-net interface on a TAP device: tap=NAME[,mac=MAC][,id=ID] (repeatable).
+    #[arg(long, value_name = "SPEC")]
+    pub net: Vec<crate::config::NetConfig>,
+    /// virtio-vsock: cid=N,uds=PATH.
+    #[arg(long, value_name = "SPEC")]
+    pub vsock: Option<crate::config::VsockConfig>,
+    /// A virtio-rng device fed from the host's entropy pool.
+    #[arg(long)]
+    pub rng: bool,
+    /// virtio-balloon: mib=N[,deflate-on-oom][,stats=SECONDS].
+    #[arg(long, value_name = "SPEC")]
+    pub balloon: Option<crate::config::BalloonConfig>,
+    /// JSON config file (keys: machine, boot, console, disks, nets, vsock, rng, balloon); flags
+    /// override its values, device flags add to its devices.
     #[arg(long, value_name = "PATH")]
     pub config_file: Option<PathBuf>,
 }
@@ -98,6 +114,17 @@ impl RunArgs {
         if let Some(con) = &self.console {
             c.console = con.clone();
         }
+        c.disks.extend(self.disk.iter().cloned());
+        c.nets.extend(self.net.iter().cloned());
+        if let Some(v) = &self.vsock {
+            c.vsock = Some(v.clone());
+        }
+        if self.rng {
+            c.rng = true;
+        }
+        if let Some(b) = &self.balloon {
+            c.balloon = Some(b.clone());
+        }
         Ok(c)
     }
 }
@@ -111,7 +138,7 @@ mod tests {
         let mut v = vec!["ledge", "run"];
         v.extend_from_slice(args);
         match Cli::try_parse_from(v).unwrap().command {
-            Command::Run(r) => r,
+            Command::Run(r) => *r,
             c => panic!("{c:?}"),
         }
     }

@@ -46,6 +46,28 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("invalid console {0:?}: use stdio, off or file:PATH")]
     Console(String),
+    #[error("invalid {flag} {spec:?}: {why}")]
+    DeviceSpec {
+        flag: &'static str,
+        spec: String,
+        why: String,
+    },
+    #[error("invalid MAC address {0:?}: use six hex pairs like 06:00:ac:10:00:02, unicast")]
+    Mac(String),
+    #[error("{0} virtio devices requested; at most {max} fit (one interrupt each)", max = MAX_VIRTIO_DEVICES)]
+    TooManyDevices(usize),
+    #[error("disk id {0:?} must be 1 to {max} bytes", max = MAX_DISK_ID_LEN)]
+    DiskId(String),
+    #[error("{kind} id {id:?} is used twice")]
+    DuplicateId { kind: &'static str, id: String },
+    #[error("only one disk can be the root device")]
+    TwoRoots,
+    #[error("tap name {0:?} must be 1 to {max} bytes of letters, digits, '-', '_' or '.'", max = MAX_TAP_NAME_LEN)]
+    TapName(String),
+    #[error("vsock cid {0} is reserved: use 3 or more")]
+    VsockCid(u32),
+    #[error("balloon of {balloon} MiB is larger than guest memory ({mem} MiB)")]
+    BalloonTooBig { balloon: u32, mem: u64 },
 }
 
 /// The whole description of one VM.
@@ -58,6 +80,285 @@ pub struct VmConfig {
     pub boot: BootConfig,
     #[serde(default)]
     pub console: ConsoleConfig,
+    /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...), root first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net interfaces on TAP devices.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<NetConfig>,
+    /// virtio-vsock with a host Unix-socket backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
+    /// virtio-rng from the host's entropy pool.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rng: bool,
+    /// virtio-balloon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonConfig>,
+}
+
+/// Most virtio devices one VM can have: one GSI each, from IRQ 5 to 23.
+pub const MAX_VIRTIO_DEVICES: usize = 19;
+/// virtio-blk serial numbers (GET_ID) are at most 20 bytes.
+pub const MAX_DISK_ID_LEN: usize = 20;
+/// Linux interface names are at most 15 bytes.
+pub const MAX_TAP_NAME_LEN: usize = 15;
+
+/// One virtio-blk disk backed by a raw image file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+    /// Drive id, returned to the guest by GET_ID (at most 20 bytes). Default: "diskN".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The guest's root file system: Ledge adds `root=/dev/vda` (and `ro` or `rw`).
+    #[serde(default)]
+    pub root: bool,
+}
+
+/// One virtio-net interface on a TAP device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// The TAP interface name; created if missing (needs CAP_NET_ADMIN).
+    pub tap: String,
+    /// Guest MAC address, `aa:bb:cc:dd:ee:ff`. Default: a locally administered one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<MacAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+/// virtio-vsock: the guest's context id and the host socket it is reached through.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// Guest context id, 3 or more (0-2 are reserved).
+    pub cid: u32,
+    /// Host Unix socket: host processes connect here and send `CONNECT <port>`; guest
+    /// connections to host port P go to `<uds>_P`.
+    pub uds: PathBuf,
+}
+
+/// virtio-balloon.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonConfig {
+    /// Target balloon size in MiB (memory taken from the guest).
+    pub mib: u32,
+    /// Let the guest deflate the balloon when it runs out of memory.
+    #[serde(default)]
+    pub deflate_on_oom: bool,
+    /// Seconds between statistics requests; 0 disables the statistics queue.
+    #[serde(default)]
+    pub stats_interval_s: u32,
+}
+
+/// An Ethernet MAC address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl FromStr for MacAddr {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = || ConfigError::Mac(s.to_string());
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for b in &mut out {
+            let p = parts.next().ok_or_else(bad)?;
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() || out[0] & 1 != 0 {
+            return Err(bad());
+        }
+        Ok(MacAddr(out))
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Splits `a=1,flag,b=2` into (key, value) pairs, for the device flags.
+fn key_values(s: &str) -> impl Iterator<Item = (&str, Option<&str>)> {
+    s.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (p, None),
+        })
+}
+
+fn kv_error(flag: &'static str, spec: &str, why: impl Into<String>) -> ConfigError {
+    ConfigError::DeviceSpec {
+        flag,
+        spec: spec.to_string(),
+        why: why.into(),
+    }
+}
+
+fn need<'a>(
+    flag: &'static str,
+    spec: &str,
+    key: &str,
+    v: Option<&'a str>,
+) -> Result<&'a str, ConfigError> {
+    v.filter(|v| !v.is_empty())
+        .ok_or_else(|| kv_error(flag, spec, format!("{key} needs a value")))
+}
+
+impl FromStr for DiskConfig {
+    type Err = ConfigError;
+    /// `path=P[,ro][,id=ID][,root]`
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let f = "--disk";
+        let (mut path, mut read_only, mut id, mut root) = (None, false, None, false);
+        for (k, v) in key_values(s) {
+            match (k, v) {
+                ("path", v) => path = Some(PathBuf::from(need(f, s, k, v)?)),
+                ("ro", None) | ("readonly", None) => read_only = true,
+                ("root", None) => root = true,
+                ("id", v) => id = Some(need(f, s, k, v)?.to_string()),
+                _ => {
+                    return Err(kv_error(
+                        f,
+                        s,
+                        format!("unknown option {k:?}: use path=P[,ro][,id=ID][,root]"),
+                    ))
+                }
+            }
+        }
+        let path = path.ok_or_else(|| kv_error(f, s, "path=P is required"))?;
+        Ok(DiskConfig {
+            path,
+            read_only,
+            id,
+            root,
+        })
+    }
+}
+
+impl FromStr for NetConfig {
+    type Err = ConfigError;
+    /// `tap=NAME[,mac=MAC][,id=ID]`
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let f = "--net";
+        let (mut tap, mut mac, mut id) = (None, None, None);
+        for (k, v) in key_values(s) {
+            match k {
+                "tap" => tap = Some(need(f, s, k, v)?.to_string()),
+                "mac" => mac = Some(need(f, s, k, v)?.parse()?),
+                "id" => id = Some(need(f, s, k, v)?.to_string()),
+                _ => {
+                    return Err(kv_error(
+                        f,
+                        s,
+                        format!("unknown option {k:?}: use tap=NAME[,mac=MAC][,id=ID]"),
+                    ))
+                }
+            }
+        }
+        let tap = tap.ok_or_else(|| kv_error(f, s, "tap=NAME is required"))?;
+        Ok(NetConfig { tap, mac, id })
+    }
+}
+
+impl FromStr for VsockConfig {
+    type Err = ConfigError;
+    /// `cid=N,uds=PATH`
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let f = "--vsock";
+        let (mut cid, mut uds) = (None, None);
+        for (k, v) in key_values(s) {
+            match k {
+                "cid" => {
+                    let v = need(f, s, k, v)?;
+                    cid = Some(
+                        v.parse()
+                            .map_err(|_| kv_error(f, s, format!("cid {v:?} is not a number")))?,
+                    )
+                }
+                "uds" => uds = Some(PathBuf::from(need(f, s, k, v)?)),
+                _ => {
+                    return Err(kv_error(
+                        f,
+                        s,
+                        format!("unknown option {k:?}: use cid=N,uds=PATH"),
+                    ))
+                }
+            }
+        }
+        match (cid, uds) {
+            (Some(cid), Some(uds)) => Ok(VsockConfig { cid, uds }),
+            _ => Err(kv_error(f, s, "both cid=N and uds=PATH are required")),
+        }
+    }
+}
+
+impl FromStr for BalloonConfig {
+    type Err = ConfigError;
+    /// `mib=N[,deflate-on-oom][,stats=SECONDS]`
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let f = "--balloon";
+        let (mut mib, mut deflate_on_oom, mut stats_interval_s) = (None, false, 0);
+        for (k, v) in key_values(s) {
+            match (k, v) {
+                ("mib", v) => {
+                    let v = need(f, s, k, v)?;
+                    mib = Some(
+                        v.parse()
+                            .map_err(|_| kv_error(f, s, format!("mib {v:?} is not a number")))?,
+                    )
+                }
+                ("deflate-on-oom", None) => deflate_on_oom = true,
+                ("stats", v) => {
+                    let v = need(f, s, k, v)?;
+                    stats_interval_s = v.parse().map_err(|_| {
+                        kv_error(f, s, format!("stats {v:?} is not a number of seconds"))
+                    })?
+                }
+                _ => {
+                    return Err(kv_error(
+                        f,
+                        s,
+                        format!("unknown option {k:?}: use mib=N[,deflate-on-oom][,stats=SECONDS]"),
+                    ))
+                }
+            }
+        }
+        let mib = mib.ok_or_else(|| kv_error(f, s, "mib=N is required"))?;
+        Ok(BalloonConfig {
+            mib,
+            deflate_on_oom,
+            stats_interval_s,
+        })
+    }
 }
 
 /// vCPUs and memory.
@@ -184,6 +485,76 @@ impl VmConfig {
         }
         if let ConsoleConfig::File(p) = &self.console {
             check_path("console file", Some(p))?;
+        }
+        self.validate_devices()
+    }
+
+    fn validate_devices(&self) -> Result<(), ConfigError> {
+        let count = self.disks.len()
+            + self.nets.len()
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.rng)
+            + usize::from(self.balloon.is_some());
+        if count > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(count));
+        }
+        let mut ids = std::collections::HashSet::new();
+        for d in &self.disks {
+            check_path("disk path", Some(&d.path))?;
+            if let Some(id) = &d.id {
+                if id.is_empty() || id.len() > MAX_DISK_ID_LEN {
+                    return Err(ConfigError::DiskId(id.clone()));
+                }
+                if !ids.insert(id.as_str()) {
+                    return Err(ConfigError::DuplicateId {
+                        kind: "disk",
+                        id: id.clone(),
+                    });
+                }
+            }
+        }
+        if self.disks.iter().filter(|d| d.root).count() > 1 {
+            return Err(ConfigError::TwoRoots);
+        }
+        let mut ids = std::collections::HashSet::new();
+        let mut taps = std::collections::HashSet::new();
+        for n in &self.nets {
+            let ok = !n.tap.is_empty()
+                && n.tap.len() <= MAX_TAP_NAME_LEN
+                && n.tap
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !ok {
+                return Err(ConfigError::TapName(n.tap.clone()));
+            }
+            if !taps.insert(n.tap.as_str()) {
+                return Err(ConfigError::DuplicateId {
+                    kind: "tap",
+                    id: n.tap.clone(),
+                });
+            }
+            if let Some(id) = &n.id {
+                if !ids.insert(id.as_str()) {
+                    return Err(ConfigError::DuplicateId {
+                        kind: "network interface",
+                        id: id.clone(),
+                    });
+                }
+            }
+        }
+        if let Some(v) = &self.vsock {
+            if v.cid < 3 {
+                return Err(ConfigError::VsockCid(v.cid));
+            }
+            check_path("vsock uds", Some(&v.uds))?;
+        }
+        if let Some(b) = &self.balloon {
+            if u64::from(b.mib) > self.machine.mem_mib {
+                return Err(ConfigError::BalloonTooBig {
+                    balloon: b.mib,
+                    mem: self.machine.mem_mib,
+                });
+            }
         }
         Ok(())
     }
@@ -328,6 +699,95 @@ mod tests {
         assert_eq!(b.effective_cmdline(), DEFAULT_LINUX_CMDLINE);
         b.cmdline = Some("x=1".into());
         assert_eq!(b.effective_cmdline(), "x=1");
+    }
+
+    #[test]
+    fn device_flags_parse() {
+        let d: DiskConfig = "path=/img,ro,id=data1,root".parse().unwrap();
+        assert_eq!(
+            d,
+            DiskConfig {
+                path: "/img".into(),
+                read_only: true,
+                id: Some("data1".into()),
+                root: true
+            }
+        );
+        let n: NetConfig = "tap=tap0,mac=06:00:ac:10:00:02,id=eth0".parse().unwrap();
+        assert_eq!(n.mac.unwrap().to_string(), "06:00:ac:10:00:02");
+        let v: VsockConfig = "cid=3,uds=/tmp/v.sock".parse().unwrap();
+        assert_eq!(v.cid, 3);
+        let b: BalloonConfig = "mib=64,deflate-on-oom,stats=1".parse().unwrap();
+        assert_eq!((b.mib, b.deflate_on_oom, b.stats_interval_s), (64, true, 1));
+        for bad in ["", "ro", "path=", "path=/x,bogus", "path=/x,ro=1"] {
+            assert!(bad.parse::<DiskConfig>().is_err(), "{bad:?}");
+        }
+        for bad in [
+            "",
+            "mac=06:00:00:00:00:01",
+            "tap=t,mac=01:00:00:00:00:01",
+            "tap=t,mac=1:2:3:4:5:6",
+            "tap=t,mac=06:00:00:00:00",
+        ] {
+            assert!(bad.parse::<NetConfig>().is_err(), "{bad:?}");
+        }
+        for bad in ["cid=3", "uds=/x", "cid=x,uds=/x"] {
+            assert!(bad.parse::<VsockConfig>().is_err(), "{bad:?}");
+        }
+        let e = "path=/x,bogus"
+            .parse::<DiskConfig>()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--disk") && e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn device_validation() {
+        let disk = |id: &str, root| DiskConfig {
+            path: "/d".into(),
+            read_only: false,
+            id: Some(id.into()),
+            root,
+        };
+        let mut c = VmConfig {
+            disks: vec![disk("a", true), disk("a", false)],
+            ..Default::default()
+        };
+        assert!(matches!(c.validate(), Err(ConfigError::DuplicateId { .. })));
+        c.disks = vec![disk("a", true), disk("b", true)];
+        assert!(matches!(c.validate(), Err(ConfigError::TwoRoots)));
+        c.disks = vec![disk("this-id-is-longer-than-20", false)];
+        assert!(matches!(c.validate(), Err(ConfigError::DiskId(_))));
+        c.disks = (0..20).map(|i| disk(&format!("d{i}"), false)).collect();
+        assert!(matches!(c.validate(), Err(ConfigError::TooManyDevices(20))));
+        c.disks.clear();
+        c.nets = vec![NetConfig {
+            tap: "bad/name".into(),
+            mac: None,
+            id: None,
+        }];
+        assert!(matches!(c.validate(), Err(ConfigError::TapName(_))));
+        c.nets.clear();
+        c.vsock = Some(VsockConfig {
+            cid: 2,
+            uds: "/v".into(),
+        });
+        assert!(matches!(c.validate(), Err(ConfigError::VsockCid(2))));
+        c.vsock = None;
+        c.balloon = Some(BalloonConfig {
+            mib: 200,
+            deflate_on_oom: false,
+            stats_interval_s: 0,
+        });
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::BalloonTooBig { .. })
+        ));
+        c.balloon = None;
+        c.rng = true;
+        c.validate().unwrap();
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(json.matches("rng").count(), 1);
     }
 
     #[test]

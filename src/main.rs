@@ -38,7 +38,11 @@ static LOGGER: StderrLogger = StderrLogger;
 /// console input, or on "stdout" and gets the guest's output.
 fn fill_standard_fds() {
     use std::os::fd::AsRawFd;
-    while let Ok(f) = std::fs::File::options().read(true).write(true).open("/dev/null") {
+    while let Ok(f) = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
         if f.as_raw_fd() > 2 {
             break; // dropped: closes it
         }

@@ -112,6 +112,8 @@ pub(crate) struct VmParts {
     pub vcpus: Vec<VcpuHandle>,
     pub exit: Arc<ExitSignal>,
     pub serial: Arc<Mutex<SerialDevice>>,
+    /// Devices served by the event loop (virtio devices).
+    pub subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
 }
 
 impl Vmm {
@@ -120,6 +122,9 @@ impl Vmm {
         let stop_watch: Arc<Mutex<dyn MutEventSubscriber + Send>> =
             Arc::new(Mutex::new(StopWatch(parts.exit.clone())));
         events.add_subscriber(stop_watch);
+        for s in parts.subscribers {
+            events.add_subscriber(s);
+        }
         if parts.config.console == crate::config::ConsoleConfig::Stdio {
             let input: Arc<Mutex<dyn MutEventSubscriber + Send>> =
                 Arc::new(Mutex::new(SerialInput::stdin(parts.serial.clone())));

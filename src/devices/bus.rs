@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use super::legacy::{SerialDevice, I8042};
+use super::virtio::mmio::MmioTransport;
 
 /// Errors when placing a device on a bus.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -23,6 +24,7 @@ pub enum BusError {
 pub enum BusDevice {
     Serial(Arc<Mutex<SerialDevice>>),
     I8042(Arc<Mutex<I8042>>),
+    Virtio(Arc<Mutex<MmioTransport>>),
 }
 
 impl BusDevice {
@@ -30,6 +32,7 @@ impl BusDevice {
         match self {
             BusDevice::Serial(d) => lock(d).read(offset, data),
             BusDevice::I8042(d) => lock(d).read(offset, data),
+            BusDevice::Virtio(d) => lock(d).read(offset, data),
         }
     }
 
@@ -37,6 +40,7 @@ impl BusDevice {
         match self {
             BusDevice::Serial(d) => lock(d).write(offset, data),
             BusDevice::I8042(d) => lock(d).write(offset, data),
+            BusDevice::Virtio(d) => lock(d).write(offset, data),
         }
     }
 }
