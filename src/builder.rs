@@ -24,7 +24,8 @@ use crate::devices::virtio::mmio::{MmioTransport, SharedDevice, NOTIFY_OFFSET};
 use crate::devices::virtio::{rng::Rng, Interrupt, VirtioDevice};
 use crate::devices::{Bus, BusDevice, BusError};
 use crate::exit::ExitSignal;
-use crate::kvm::{self, memory::MemoryError, vcpu::Vcpu, vcpu::VcpuError, KvmError};
+use crate::kvm::vcpu::{ExitCounters, Vcpu, VcpuError};
+use crate::kvm::{self, memory::MemoryError, KvmError};
 use crate::vmm::{VmParts, Vmm, VmmError};
 
 /// Errors building a VM; each names the stage that failed.
@@ -159,13 +160,22 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_call("reading the supported CPUID"))?;
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+    let counters = Arc::new(ExitCounters::default());
     let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
     for id in 0..vcpu_count {
         let fd = vm
             .create_vcpu(u64::from(id))
             .map_err(kvm_call("creating a vcpu"))?;
         arch::configure_vcpu(&fd, id, vcpu_count, &setup, &cpuid)?;
-        vcpus.push(Vcpu::new(id, fd, pio.clone(), mmio.clone(), exit.clone()).start()?);
+        let vcpu = Vcpu::new(
+            id,
+            fd,
+            pio.clone(),
+            mmio.clone(),
+            exit.clone(),
+            counters.clone(),
+        );
+        vcpus.push(vcpu.start()?);
     }
 
     Ok(Vmm::new(VmParts {
@@ -176,6 +186,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
         exit,
         serial,
         subscribers: virtio.subscribers,
+        exit_counters: counters,
     })?)
 }
 

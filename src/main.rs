@@ -77,6 +77,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = args.to_config()?;
             let mut vmm = ledge::build(&config)?;
             let exit = vmm.run()?;
+            log::info!("vcpu exits to userspace: {}", vmm.exit_counts());
             if exit.is_clean() {
                 log::info!("{exit}");
                 Ok(ExitCode::SUCCESS)

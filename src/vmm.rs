@@ -20,7 +20,7 @@ use vmm_sys_util::epoll::EventSet;
 use crate::config::VmConfig;
 use crate::devices::legacy::SerialDevice;
 use crate::exit::{ExitSignal, VmExit};
-use crate::kvm::vcpu::{VcpuCommand, VcpuError, VcpuEvent, VcpuHandle};
+use crate::kvm::vcpu::{ExitCounters, ExitCounts, VcpuCommand, VcpuError, VcpuEvent, VcpuHandle};
 
 /// How long a vCPU may take to answer a command before the VMM gives up on it.
 const VCPU_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -90,6 +90,7 @@ pub struct Vmm {
     vcpus: Vec<VcpuHandle>,
     exit: Arc<ExitSignal>,
     serial: Arc<Mutex<SerialDevice>>,
+    exit_counters: Arc<ExitCounters>,
     events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     _vm: VmFd,
     mem: GuestMemoryMmap,
@@ -114,6 +115,7 @@ pub(crate) struct VmParts {
     pub serial: Arc<Mutex<SerialDevice>>,
     /// Devices served by the event loop (virtio devices).
     pub subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    pub exit_counters: Arc<ExitCounters>,
 }
 
 impl Vmm {
@@ -136,6 +138,7 @@ impl Vmm {
             vcpus: parts.vcpus,
             exit: parts.exit,
             serial: parts.serial,
+            exit_counters: parts.exit_counters,
             events,
             _vm: parts.vm,
             mem: parts.mem,
@@ -153,6 +156,11 @@ impl Vmm {
     /// Guest memory, for callers that inspect or snapshot it.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    /// vCPU exits to userspace so far, by kind.
+    pub fn exit_counts(&self) -> ExitCounts {
+        self.exit_counters.snapshot()
     }
 
     /// The stop request every thread shares; `request` on it stops the VM.

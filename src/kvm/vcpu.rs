@@ -140,6 +140,54 @@ impl VcpuHandle {
     }
 }
 
+/// Exits to userspace, by kind, summed over the VM's vCPUs (for metrics, and to check that
+/// steady-state virtio I/O needs none: notifies are ioeventfds, interrupts irqfds).
+#[derive(Debug, Default)]
+pub struct ExitCounters {
+    pub pio_in: AtomicU64,
+    pub pio_out: AtomicU64,
+    pub mmio_read: AtomicU64,
+    pub mmio_write: AtomicU64,
+    pub other: AtomicU64,
+}
+
+/// A copy of `ExitCounters` at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ExitCounts {
+    pub pio_in: u64,
+    pub pio_out: u64,
+    pub mmio_read: u64,
+    pub mmio_write: u64,
+    pub other: u64,
+}
+
+impl ExitCounters {
+    pub fn snapshot(&self) -> ExitCounts {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ExitCounts {
+            pio_in: g(&self.pio_in),
+            pio_out: g(&self.pio_out),
+            mmio_read: g(&self.mmio_read),
+            mmio_write: g(&self.mmio_write),
+            other: g(&self.other),
+        }
+    }
+}
+
+impl std::fmt::Display for ExitCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pio_in={} pio_out={} mmio_read={} mmio_write={} other={}",
+            self.pio_in, self.pio_out, self.mmio_read, self.mmio_write, self.other
+        )
+    }
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
 /// A configured vCPU, before its thread starts.
 pub struct Vcpu {
     id: u8,
@@ -147,6 +195,7 @@ pub struct Vcpu {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     exit: Arc<ExitSignal>,
+    counters: Arc<ExitCounters>,
 }
 
 /// What one `KVM_RUN` led to.
@@ -172,13 +221,21 @@ fn log_unclaimed(kind: &str, addr: u64, len: usize, write: bool) {
 }
 
 impl Vcpu {
-    pub fn new(id: u8, fd: VcpuFd, pio: Arc<Bus>, mmio: Arc<Bus>, exit: Arc<ExitSignal>) -> Self {
+    pub fn new(
+        id: u8,
+        fd: VcpuFd,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        exit: Arc<ExitSignal>,
+        counters: Arc<ExitCounters>,
+    ) -> Self {
         Vcpu {
             id,
             fd,
             pio,
             mmio,
             exit,
+            counters,
         }
     }
 
@@ -250,6 +307,7 @@ impl Vcpu {
         let step = match self.fd.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
+                    bump(&self.counters.pio_in);
                     if !self.pio.read(u64::from(port), data) {
                         log_unclaimed("port", u64::from(port), data.len(), false);
                         data.fill(0xff);
@@ -257,12 +315,14 @@ impl Vcpu {
                     Step::Continue
                 }
                 VcpuExit::IoOut(port, data) => {
+                    bump(&self.counters.pio_out);
                     if !self.pio.write(u64::from(port), data) {
                         log_unclaimed("port", u64::from(port), data.len(), true);
                     }
                     Step::Continue
                 }
                 VcpuExit::MmioRead(addr, data) => {
+                    bump(&self.counters.mmio_read);
                     if !self.mmio.read(addr, data) {
                         log_unclaimed("mmio", addr, data.len(), false);
                         data.fill(0xff);
@@ -270,12 +330,16 @@ impl Vcpu {
                     Step::Continue
                 }
                 VcpuExit::MmioWrite(addr, data) => {
+                    bump(&self.counters.mmio_write);
                     if !self.mmio.write(addr, data) {
                         log_unclaimed("mmio", addr, data.len(), true);
                     }
                     Step::Continue
                 }
-                VcpuExit::IoapicEoi(_) | VcpuExit::Intr => Step::Continue,
+                VcpuExit::IoapicEoi(_) | VcpuExit::Intr => {
+                    bump(&self.counters.other);
+                    Step::Continue
+                }
                 VcpuExit::Shutdown => Step::Stop(VmExit::Fault(format!(
                     "guest triple fault on vcpu {id} (KVM_EXIT_SHUTDOWN)"
                 ))),
