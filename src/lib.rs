@@ -32,6 +32,7 @@
 //! - `arch::x86_64`: the guest physical layout, CPUID, MSRs, registers, MP table;
 //! - `boot`: kernel (vmlinux, bzImage, PVH ELF) and initrd loading, boot parameters;
 //! - `devices`: the buses and the legacy devices (COM1, i8042);
+//! - `logger`: the opt-in logger the binary installs (stderr or a file, level at run time);
 //! - `probe`: the embedded probe guest.
 //!
 //! resources/ARCHITECTURE.md has the longer version.
@@ -44,6 +45,7 @@ pub mod config;
 pub mod devices;
 pub mod exit;
 pub mod kvm;
+pub mod logger;
 pub mod probe;
 pub mod vmm;
 

@@ -2,36 +2,11 @@
 //! exit status. Exit status: 0 when the guest reset or powered off, 1 with a one-line reason
 //! on any error (bad input, KVM, a guest fault such as a triple fault), 2 for usage errors.
 
-use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
 use ledge::cli::{Cli, Command};
-
-struct StderrLogger;
-
-impl log::Log for StderrLogger {
-    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
-        m.level() <= log::max_level()
-    }
-
-    fn log(&self, r: &log::Record<'_>) {
-        if self.enabled(r.metadata()) {
-            let mut err = std::io::stderr().lock();
-            let _ = writeln!(
-                err,
-                "ledge: {}: {}",
-                r.level().as_str().to_lowercase(),
-                r.args()
-            );
-        }
-    }
-
-    fn flush(&self) {}
-}
-
-static LOGGER: StderrLogger = StderrLogger;
 
 /// Makes sure fds 0, 1 and 2 are open (on /dev/null if they were closed), so that no file
 /// Ledge opens later — an eventfd, the console file — lands on "stdin" and gets read as
@@ -53,10 +28,7 @@ fn fill_standard_fds() {
 fn main() -> ExitCode {
     fill_standard_fds();
     let cli = Cli::parse();
-    let level = cli.log_level.parse().unwrap_or(log::LevelFilter::Warn);
-    if log::set_logger(&LOGGER).is_ok() {
-        log::set_max_level(level);
-    }
+    ledge::logger::init(cli.log_level.parse().unwrap_or(log::LevelFilter::Warn));
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -79,6 +79,8 @@ pub enum VmmError {
     },
     #[error("cannot set up the VMM event loop")]
     EventLoop(#[source] event_manager::Error),
+    #[error("cannot {0} the guest clock")]
+    Clock(&'static str, #[source] kvm_ioctls::Error),
 }
 
 /// Everything one VM is made of. Built by `builder::build`.
@@ -92,7 +94,9 @@ pub struct Vmm {
     serial: Arc<Mutex<SerialDevice>>,
     exit_counters: Arc<ExitCounters>,
     events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
-    _vm: VmFd,
+    /// kvmclock when the VM was paused, put back on resume so guest time stands still.
+    paused_clock: Option<kvm_bindings::kvm_clock_data>,
+    vm: VmFd,
     mem: GuestMemoryMmap,
 }
 
@@ -140,7 +144,8 @@ impl Vmm {
             serial: parts.serial,
             exit_counters: parts.exit_counters,
             events,
-            _vm: parts.vm,
+            paused_clock: None,
+            vm: parts.vm,
             mem: parts.mem,
         })
     }
@@ -183,16 +188,32 @@ impl Vmm {
         Ok(())
     }
 
-    /// Stops every vCPU outside guest code and waits until all have.
+    /// Stops every vCPU outside guest code and waits until all have; the guest's kvmclock is
+    /// saved so that, after `resume`, no time seems to have passed while paused. Device I/O
+    /// stops too: `poll` serves no device events while paused.
     pub fn pause(&mut self) -> Result<(), VmmError> {
         self.state.check_transition(VmState::Paused)?;
         self.command_all(VcpuCommand::Pause, VcpuEvent::Paused)?;
+        self.paused_clock = Some(
+            self.vm
+                .get_clock()
+                .map_err(|e| VmmError::Clock("save", e))?,
+        );
         self.state = VmState::Paused;
         Ok(())
     }
 
     pub fn resume(&mut self) -> Result<(), VmmError> {
         self.state.check_transition(VmState::Running)?;
+        if let Some(saved) = self.paused_clock.take() {
+            let clock = kvm_bindings::kvm_clock_data {
+                clock: saved.clock,
+                ..Default::default()
+            };
+            self.vm
+                .set_clock(&clock)
+                .map_err(|e| VmmError::Clock("restore", e))?;
+        }
         self.command_all(VcpuCommand::Resume, VcpuEvent::Resumed)?;
         self.state = VmState::Running;
         Ok(())
@@ -218,7 +239,13 @@ impl Vmm {
     /// Serves the event loop once, waiting at most `timeout_ms` (-1: until something happens).
     /// Returns the exit reason once the VM has stopped.
     pub fn poll(&mut self, timeout_ms: i32) -> Result<Option<VmExit>, VmmError> {
-        if !self.exit.requested() {
+        if self.state == VmState::Paused {
+            // Paused: no device I/O. Only a stop can end the wait.
+            if !self.exit.requested() && timeout_ms != 0 {
+                let ms = u64::try_from(timeout_ms).unwrap_or(100).min(100);
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+        } else if !self.exit.requested() {
             self.events
                 .run_with_timeout(timeout_ms)
                 .map_err(VmmError::EventLoop)?;
@@ -230,6 +257,11 @@ impl Vmm {
             }
             None => Ok(None),
         }
+    }
+
+    /// Adds an event source to the VMM thread's loop (the API's request event, for one).
+    pub fn add_subscriber(&mut self, s: Arc<Mutex<dyn MutEventSubscriber + Send>>) {
+        self.events.add_subscriber(s);
     }
 
     /// Runs the VMM event loop until the guest stops; starts the VM first if needed.
