@@ -40,7 +40,7 @@ pub struct MmioTransport {
     device: SharedDevice,
     mem: GuestMemoryMmap,
     interrupt: Arc<Interrupt>,
-    queue_evts: Vec<EventFd>,
+    queue_evts: Vec<Arc<EventFd>>,
     queues: Vec<Queue>,
     status: u32,
     device_features_sel: u32,
@@ -69,7 +69,7 @@ impl MmioTransport {
         device: SharedDevice,
         mem: GuestMemoryMmap,
         interrupt: Arc<Interrupt>,
-        queue_evts: Vec<EventFd>,
+        queue_evts: Vec<Arc<EventFd>>,
     ) -> Self {
         let queues = lock(&device)
             .queue_max_sizes()
@@ -283,15 +283,7 @@ impl MmioTransport {
             }
             q.set_event_idx(event_idx);
         }
-        let evts: Result<Vec<_>, _> = self.queue_evts.iter().map(EventFd::try_clone).collect();
-        let queue_evts = match evts {
-            Ok(e) => e,
-            Err(e) => {
-                log::error!("virtio: cannot clone queue eventfds: {e}");
-                self.status |= STATUS_NEEDS_RESET;
-                return;
-            }
-        };
+        let queue_evts = self.queue_evts.clone();
         // The device gets its own copy of each queue; the transport keeps the registers.
         let queues: Result<Vec<Queue>, _> = self
             .queues
@@ -381,7 +373,10 @@ mod tests {
         let dev = Arc::new(Mutex::new(Dummy::default()));
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let irq = Arc::new(Interrupt::new(EventFd::new(0).unwrap()));
-        let evts = vec![EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
+        let evts = vec![
+            Arc::new(EventFd::new(0).unwrap()),
+            Arc::new(EventFd::new(0).unwrap()),
+        ];
         let shared: SharedDevice = dev.clone();
         (MmioTransport::new(shared, mem, irq, evts), dev)
     }

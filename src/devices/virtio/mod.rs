@@ -15,8 +15,12 @@
 //! virtio-queue's checked accessors: a malformed chain gets an error status or length 0,
 //! never a panic or an access outside guest memory.
 
+pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod rng;
+pub mod tap;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -123,8 +127,10 @@ impl Interrupt {
 pub struct ActiveQueues {
     pub mem: GuestMemoryMmap,
     pub queues: Vec<Queue>,
-    /// One per queue: readable when the driver notified that queue.
-    pub queue_evts: Vec<EventFd>,
+    /// One per queue: readable when the driver notified that queue. Shared with the transport,
+    /// so a reset never closes an fd that is still registered with the event loop, and the
+    /// next activation finds the very same fds registered.
+    pub queue_evts: Vec<std::sync::Arc<EventFd>>,
     pub interrupt: std::sync::Arc<Interrupt>,
 }
 
@@ -152,6 +158,10 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, queues: ActiveQueues) -> Result<(), ActivateError>;
     /// The driver reset the device: drop the queues, go back to the initial state.
     fn reset(&mut self);
+    /// The device's counters for the metrics file (requests, bytes, errors ...).
+    fn metrics(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
 }
 
 /// Converts a little-endian config space into a read at `offset`, zero past its end.
@@ -189,10 +199,14 @@ impl ActivateEvent {
 
     /// Clears the event and registers every queue eventfd as `TOKEN_QUEUE0 + i`.
     /// Re-activation after a reset finds them registered already; that is fine.
-    pub fn on_activate(&self, ops: &mut EventOps, queue_evts: &[EventFd]) {
+    pub fn on_activate(&self, ops: &mut EventOps, queue_evts: &[std::sync::Arc<EventFd>]) {
         let _ = self.0.read();
         for (i, evt) in (0u32..).zip(queue_evts) {
-            match ops.add(Events::with_data(evt, TOKEN_QUEUE0 + i, EventSet::IN)) {
+            match ops.add(Events::with_data(
+                evt.as_ref(),
+                TOKEN_QUEUE0 + i,
+                EventSet::IN,
+            )) {
                 Ok(()) => {}
                 Err(event_manager::Error::FdAlreadyRegistered) => {}
                 Err(e) => log::error!("cannot watch virtio queue {i}: {e}"),
@@ -242,7 +256,10 @@ pub(crate) mod test_utils {
     /// Activation input for a device with the given queues.
     pub fn active(mem: &GuestMemoryMmap, queues: Vec<Queue>) -> (ActiveQueues, Arc<Interrupt>) {
         let interrupt = Arc::new(Interrupt::new(EventFd::new(0).unwrap()));
-        let queue_evts = queues.iter().map(|_| EventFd::new(0).unwrap()).collect();
+        let queue_evts = queues
+            .iter()
+            .map(|_| Arc::new(EventFd::new(0).unwrap()))
+            .collect();
         (
             ActiveQueues {
                 mem: mem.clone(),

@@ -32,7 +32,7 @@ pub enum RngError {
 }
 
 /// Counters for metrics and tests.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RngStats {
     pub requests: u64,
     pub bytes: u64,
@@ -42,7 +42,7 @@ pub struct RngStats {
 struct Active {
     mem: GuestMemoryMmap,
     queue: Queue,
-    queue_evt: EventFd,
+    queue_evt: Arc<EventFd>,
     interrupt: Arc<Interrupt>,
 }
 
@@ -167,6 +167,10 @@ impl VirtioDevice for Rng {
     fn reset(&mut self) {
         self.active = None;
         self.acked = 0;
+    }
+
+    fn metrics(&self) -> serde_json::Value {
+        serde_json::to_value(self.stats).unwrap_or_default()
     }
 }
 
