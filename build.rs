@@ -13,7 +13,17 @@ use std::process::Command;
 /// The probe's directory, relative to the package root.
 const PROBE_DIR: &str = "resources/guests/probe";
 /// Every file the probe is built from; a change to any of them rebuilds it.
-const PROBE_SOURCES: &[&str] = &["main.rs", "uart.rs", "smp.rs", "boot.s", "probe.ld"];
+const PROBE_SOURCES: &[&str] = &[
+    "main.rs",
+    "uart.rs",
+    "smp.rs",
+    "virtio.rs",
+    "blk.rs",
+    "net.rs",
+    "rng.rs",
+    "boot.s",
+    "probe.ld",
+];
 const PROBE_TARGET: &str = "x86_64-unknown-linux-gnu";
 
 fn main() {

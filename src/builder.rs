@@ -21,7 +21,9 @@ use crate::boot::{self, BootRequest, BootSource};
 use crate::config::{ConfigError, ConsoleConfig, VmConfig};
 use crate::devices::legacy::{self, SerialDevice, SerialOut, I8042};
 use crate::devices::virtio::mmio::{MmioTransport, SharedDevice, NOTIFY_OFFSET};
-use crate::devices::virtio::{rng::Rng, Interrupt, VirtioDevice};
+use crate::devices::virtio::{
+    block::Block, net::Net, rng::Rng, vsock::Vsock, Interrupt, VirtioDevice,
+};
 use crate::devices::{Bus, BusDevice, BusError};
 use crate::exit::ExitSignal;
 use crate::kvm::vcpu::{ExitCounters, Vcpu, VcpuError};
@@ -69,6 +71,12 @@ pub enum BuildError {
     NoDeviceSlot(usize),
     #[error("virtio-rng")]
     Rng(#[from] crate::devices::virtio::rng::RngError),
+    #[error("virtio-blk")]
+    Block(#[from] crate::devices::virtio::block::BlockError),
+    #[error("virtio-net")]
+    Net(#[from] crate::devices::virtio::net::NetError),
+    #[error("virtio-vsock")]
+    Vsock(#[from] crate::devices::virtio::vsock::VsockError),
     #[error(transparent)]
     Vmm(#[from] VmmError),
 }
@@ -108,14 +116,35 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
         BusDevice::I8042(Arc::new(Mutex::new(I8042::new(exit.clone())))),
     )?;
     let mut virtio = VirtioSlots::new();
+    // The root disk first, so the guest sees it as /dev/vda; `i` is the position in the config.
+    let (root, other): (Vec<_>, Vec<_>) =
+        config.disks.iter().enumerate().partition(|(_, d)| d.root);
+    let mut root_arg = String::new();
+    for (i, d) in root.into_iter().chain(other) {
+        let blk = Block::new(d, i)?;
+        if d.root {
+            root_arg = format!("root=/dev/vda {}", if d.read_only { "ro" } else { "rw" });
+        }
+        virtio.add(&vm, &mem, format!("block:{}", blk.id()), blk)?;
+    }
+    for (i, n) in config.nets.iter().enumerate() {
+        let name = format!("net:{}", n.id.as_deref().unwrap_or(&n.tap));
+        virtio.add(&vm, &mem, name, Net::new(n, i)?)?;
+    }
+    if let Some(v) = &config.vsock {
+        virtio.add(&vm, &mem, "vsock".into(), Vsock::new(v)?)?;
+    }
     if config.rng {
-        virtio.add(&vm, &mem, Rng::new()?)?;
+        virtio.add(&vm, &mem, "rng".into(), Rng::new()?)?;
     }
     let mmio = std::mem::take(&mut virtio.bus);
 
     let vcpu_count =
         u8::try_from(config.machine.vcpus).map_err(|_| ConfigError::Vcpus(config.machine.vcpus))?;
-    let cmdline = join_cmdline(&config.boot.effective_cmdline(), &virtio.cmdline);
+    let cmdline = join_cmdline(
+        &config.boot.effective_cmdline(),
+        &format!("{} {root_arg}", virtio.cmdline),
+    );
     let mut probe = Cursor::new(crate::probe::PROBE_ELF);
     let kernel_name = match &config.boot.kernel {
         Some(path) => path.display().to_string(),
@@ -186,6 +215,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
         exit,
         serial,
         subscribers: virtio.subscribers,
+        devices: virtio.devices,
         exit_counters: counters,
     })?)
 }
@@ -198,6 +228,7 @@ struct VirtioSlots {
     count: u64,
     cmdline: String,
     subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    devices: Vec<(String, SharedDevice)>,
 }
 
 impl VirtioSlots {
@@ -207,15 +238,18 @@ impl VirtioSlots {
             count: 0,
             cmdline: String::new(),
             subscribers: Vec::new(),
+            devices: Vec::new(),
         }
     }
 
     /// Places `dev` in the next window: ioeventfds on QueueNotify (one per queue, matched on
-    /// the queue index), an irqfd on its GSI, the transport on the MMIO bus.
+    /// the queue index), an irqfd on its GSI, the transport on the MMIO bus. `name` identifies
+    /// the device in metrics ("rng", "block:ID", ...).
     fn add<D>(
         &mut self,
         vm: &VmFd,
         mem: &GuestMemoryMmap,
+        name: String,
         dev: D,
     ) -> Result<Arc<Mutex<D>>, BuildError>
     where
@@ -239,9 +273,10 @@ impl VirtioSlots {
             let evt = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
             vm.register_ioevent(&evt, &IoEventAddress::Mmio(addr + NOTIFY_OFFSET), i)
                 .map_err(kvm_call("registering a virtio ioeventfd"))?;
-            queue_evts.push(evt);
+            queue_evts.push(Arc::new(evt));
         }
         let shared: SharedDevice = dev.clone();
+        self.devices.push((name, shared.clone()));
         let transport = MmioTransport::new(
             shared,
             mem.clone(),

@@ -19,6 +19,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::config::VmConfig;
 use crate::devices::legacy::SerialDevice;
+use crate::devices::virtio::mmio::SharedDevice;
 use crate::exit::{ExitSignal, VmExit};
 use crate::kvm::vcpu::{ExitCounters, ExitCounts, VcpuCommand, VcpuError, VcpuEvent, VcpuHandle};
 
@@ -93,6 +94,8 @@ pub struct Vmm {
     exit: Arc<ExitSignal>,
     serial: Arc<Mutex<SerialDevice>>,
     exit_counters: Arc<ExitCounters>,
+    devices: Vec<(String, SharedDevice)>,
+    started: Option<std::time::Instant>,
     events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     /// kvmclock when the VM was paused, put back on resume so guest time stands still.
     paused_clock: Option<kvm_bindings::kvm_clock_data>,
@@ -120,6 +123,8 @@ pub(crate) struct VmParts {
     /// Devices served by the event loop (virtio devices).
     pub subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     pub exit_counters: Arc<ExitCounters>,
+    /// Every virtio device by name, for metrics and host-side control.
+    pub devices: Vec<(String, SharedDevice)>,
 }
 
 impl Vmm {
@@ -143,6 +148,8 @@ impl Vmm {
             exit: parts.exit,
             serial: parts.serial,
             exit_counters: parts.exit_counters,
+            devices: parts.devices,
+            started: None,
             events,
             paused_clock: None,
             vm: parts.vm,
@@ -161,6 +168,33 @@ impl Vmm {
     /// Guest memory, for callers that inspect or snapshot it.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    /// One metrics record: uptime, vCPU exits by kind, each device's counters.
+    pub fn metrics(&self) -> serde_json::Value {
+        let devices: serde_json::Map<String, serde_json::Value> = self
+            .devices
+            .iter()
+            .map(|(name, d)| {
+                let m = d.lock().unwrap_or_else(|e| e.into_inner()).metrics();
+                (name.clone(), m)
+            })
+            .collect();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        serde_json::json!({
+            "utc_timestamp_ms": now_ms,
+            "state": self.state.to_string(),
+            "uptime_ms": self.started.map_or(0, |t| t.elapsed().as_millis() as u64),
+            "vcpu_exits": self.exit_counts(),
+            "devices": devices,
+        })
+    }
+
+    /// The virtio devices, by name.
+    pub fn devices(&self) -> &[(String, SharedDevice)] {
+        &self.devices
     }
 
     /// vCPU exits to userspace so far, by kind.
@@ -185,6 +219,7 @@ impl Vmm {
         self.state.check_transition(VmState::Running)?;
         self.command_all(VcpuCommand::Resume, VcpuEvent::Resumed)?;
         self.state = VmState::Running;
+        self.started = Some(std::time::Instant::now());
         Ok(())
     }
 

@@ -10,8 +10,12 @@
 #![no_std]
 #![no_main]
 
+mod blk;
+mod net;
+mod rng;
 mod smp;
 mod uart;
+mod virtio;
 
 use core::arch::{asm, global_asm};
 use uart::{put_bytes, put_dec, put_hex, puts};
@@ -26,6 +30,8 @@ extern "C" {
     static int_serial_write: u8;
     static int_outb: u8;
     static int_inb: u8;
+    /// End of the image, tables and stacks included (probe.ld).
+    static __probe_end: u8;
 }
 
 const START_INFO_MAGIC: u32 = 0x336e_c578;
@@ -37,6 +43,12 @@ const VIRTIO_MAGIC: u32 = 0x7472_6976; // "virt"
 const MAPPED_END: u64 = 0x1_0000_0000;
 /// Delay between two `count:` lines: at most ~100 lines/s up to a 3 GHz TSC.
 const COUNT_DELAY: u64 = 30_000_000;
+/// Device memory (virtqueues, buffers) starts at the first MiB boundary past the image.
+const ARENA_ALIGN: u64 = 1 << 20;
+/// Without a memory map, assume this much RAM past the image.
+const ARENA_DEFAULT: u64 = 16 << 20;
+/// `probe=blk` drives at most this many disks.
+const MAX_DISKS: usize = 8;
 
 // --- physical memory (identity-mapped, user-accessible) --------------------------------
 
@@ -183,7 +195,7 @@ fn build_idt() {
 
 /// Stop the VM: i8042 reset line (Ledge, Firecracker), isa-debug-exit (QEMU), then halt
 /// this vCPU in ring 0 for good.
-fn stop() -> ! {
+pub fn stop() -> ! {
     uart::outb(0x64, 0xfe);
     uart::outb(0xf4, 0);
     loop {
@@ -403,6 +415,8 @@ fn parse_size(s: &[u8]) -> Option<(u64, &[u8])> {
 struct Virtio {
     addr: u64,
     irq: u64,
+    /// DeviceID read from the window (0 if unreadable or not virtio).
+    device_id: u32,
 }
 
 /// `<size>@<addr>:<irq>[:<id>]`
@@ -415,7 +429,7 @@ fn parse_virtio(s: &[u8]) -> Option<Virtio> {
     if !rest.is_empty() && rest[0] != b':' {
         return None;
     }
-    Some(Virtio { addr, irq })
+    Some(Virtio { addr, irq, device_id: 0 })
 }
 
 // --- the report --------------------------------------------------------------------------
@@ -425,6 +439,61 @@ enum Mode {
     Hello,
     Count,
     TripleFault,
+    Blk,
+    NetEcho,
+    Rng,
+}
+
+/// A numeric `key=N` from the command line.
+fn num_param(cmdline: &[u8], key: &[u8]) -> Option<u64> {
+    match param(cmdline, key).map(parse_num) {
+        Some(Some((v, b""))) => Some(v),
+        Some(_) => {
+            puts("probe: bad number for ");
+            put_bytes(key);
+            puts("\n");
+            None
+        }
+        None => None,
+    }
+}
+
+/// RAM for device memory: from the first MiB boundary past the image to the end of the RAM
+/// entry holding it (below 4 GiB and below any boot module placed there).
+fn device_arena(b: &BootInfo) -> virtio::Arena {
+    // SAFETY: only the address of the linker symbol is taken.
+    let image_end = unsafe { &__probe_end as *const u8 as u64 };
+    let start = (image_end + ARENA_ALIGN - 1) & !(ARENA_ALIGN - 1);
+    let mut end = if b.memmap_entries == 0 {
+        start + ARENA_DEFAULT
+    } else {
+        b.memmap[..b.memmap_entries]
+            .iter()
+            .find(|e| e.kind == 1 && e.base <= start && start < e.base + e.size)
+            .map_or(start, |e| e.base + e.size)
+    };
+    end = end.min(MAPPED_END);
+    for i in 0..b.nr_modules.min(16) {
+        let m = b.modlist_paddr + 32 * i;
+        if b.modlist_paddr == 0 || m >= MAPPED_END {
+            break;
+        }
+        let paddr = peek64(m);
+        if paddr >= start {
+            end = end.min(paddr & !0xfff);
+        }
+    }
+    puts("probe: device memory=");
+    put_hex(start);
+    puts("-");
+    put_hex(end);
+    puts("\n");
+    virtio::Arena::new(start, end.max(start))
+}
+
+/// The first virtio window holding a device of `id`.
+fn first_of(virtio: &[Option<Virtio>], id: u32) -> Option<u64> {
+    virtio.iter().flatten().find(|v| v.device_id == id).map(|v| v.addr)
 }
 
 #[no_mangle]
@@ -442,6 +511,9 @@ pub extern "C" fn probe_main(start_info: u64) -> ! {
         None | Some(b"hello") => Mode::Hello,
         Some(b"count") => Mode::Count,
         Some(b"triple-fault") => Mode::TripleFault,
+        Some(b"blk") => Mode::Blk,
+        Some(b"net-echo") => Mode::NetEcho,
+        Some(b"rng") => Mode::Rng,
         Some(other) => {
             puts("probe: unknown mode ");
             put_bytes(other);
@@ -454,6 +526,9 @@ pub extern "C" fn probe_main(start_info: u64) -> ! {
         Mode::Hello => "hello",
         Mode::Count => "count",
         Mode::TripleFault => "triple-fault",
+        Mode::Blk => "blk",
+        Mode::NetEcho => "net-echo",
+        Mode::Rng => "rng",
     });
     puts("\n");
 
@@ -512,7 +587,7 @@ pub extern "C" fn probe_main(start_info: u64) -> ! {
     puts("virtio: count=");
     put_dec(nvirtio as u64);
     puts("\n");
-    for v in virtio[..nvirtio].iter().flatten() {
+    for v in virtio[..nvirtio].iter_mut().flatten() {
         let readable = v.addr % 4 == 0 && v.addr + 0x10 <= MAPPED_END;
         let (magic, version, device_id) = if readable {
             (mmio_read32(v.addr), mmio_read32(v.addr + 4), mmio_read32(v.addr + 8))
@@ -530,12 +605,94 @@ pub extern "C" fn probe_main(start_info: u64) -> ! {
         put_dec(u64::from(version));
         puts(" device_id=");
         put_dec(u64::from(device_id));
+        // What this driver would negotiate: the offered bits it knows (VERSION_1 always).
+        let features = if magic == VIRTIO_MAGIC && version == 2 {
+            v.device_id = device_id;
+            let m = virtio::Mmio { base: v.addr };
+            m.device_features() & virtio::wanted_features(device_id)
+        } else {
+            0
+        };
+        puts(" features=");
+        put_hex(features);
         puts("\n");
     }
     puts("LEDGE-PROBE done\n");
 
     match mode {
         Mode::Hello => stop(),
+        Mode::Blk => {
+            let arena = device_arena(&boot);
+            let p = blk::Params {
+                seed: num_param(cmdline, b"blk_seed=").unwrap_or(1),
+                mib: num_param(cmdline, b"blk_mib="),
+            };
+            let rounds = num_param(cmdline, b"blk_rounds=").unwrap_or(1).max(1);
+            let serial = num_param(cmdline, b"blk_serial=") == Some(1);
+            let mut addrs = [0u64; MAX_DISKS];
+            let mut n = 0;
+            for v in virtio[..nvirtio].iter().flatten().filter(|v| v.device_id == virtio::ID_BLOCK) {
+                if n == MAX_DISKS {
+                    puts("probe: blk: only the first 8 disks are used\n");
+                    break;
+                }
+                addrs[n] = v.addr;
+                n += 1;
+            }
+            for round in 0..rounds {
+                // The first round brings every disk up before any is used (all live at
+                // once), the next takes them one at a time in reverse order (up, used,
+                // reset, next), and so on; `blk_serial=1` starts with one at a time. Each
+                // disk is reset when done, so the next one reuses the same memory.
+                let mut mem = arena;
+                if (round % 2 == 1) == serial {
+                    let mut disks = [const { None }; MAX_DISKS];
+                    for (i, d) in disks[..n].iter_mut().enumerate() {
+                        *d = blk::open(i, addrs[i], &mut mem);
+                    }
+                    for d in disks[..n].iter_mut().flatten() {
+                        blk::exercise(d, &p);
+                    }
+                    for d in disks[..n].iter().flatten() {
+                        d.reset();
+                    }
+                } else {
+                    for i in (0..n).rev() {
+                        if let Some(mut d) = blk::open(i, addrs[i], &mut mem) {
+                            blk::exercise(&mut d, &p);
+                            d.reset();
+                        }
+                        mem = arena;
+                    }
+                }
+                if rounds > 1 {
+                    puts("blk: round=");
+                    put_dec(round + 1);
+                    puts("\n");
+                }
+            }
+            puts("blk: devices=");
+            put_dec(n as u64);
+            puts("\n");
+            stop()
+        }
+        Mode::NetEcho => match first_of(&virtio[..nvirtio], virtio::ID_NET) {
+            Some(addr) => {
+                let frames = num_param(cmdline, b"net_frames=").unwrap_or(10_000);
+                net::run(addr, device_arena(&boot), frames)
+            }
+            None => {
+                puts("net: error=no-device\n");
+                stop()
+            }
+        },
+        Mode::Rng => match first_of(&virtio[..nvirtio], virtio::ID_RNG) {
+            Some(addr) => rng::run(addr, device_arena(&boot)),
+            None => {
+                puts("rng: error=no-device\n");
+                stop()
+            }
+        },
         Mode::Count => {
             let mut n = 0u64;
             loop {
