@@ -23,6 +23,7 @@
 //!   `devices::Bus`.
 //!
 //! ## Code map
+//! - `api`: the control API, Firecracker-compatible HTTP over a Unix socket (API thread);
 //! - `config`: `VmConfig`, the one schema, and its validation;
 //! - `cli`: command-line flags → `VmConfig` (no VM logic);
 //! - `builder`: `VmConfig` → `Vmm` (the boot order lives there);
@@ -37,6 +38,7 @@
 //!
 //! resources/ARCHITECTURE.md has the longer version.
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod builder;
