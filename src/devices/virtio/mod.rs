@@ -15,6 +15,7 @@
 //! virtio-queue's checked accessors: a malformed chain gets an error status or length 0,
 //! never a panic or an access outside guest memory.
 
+pub mod balloon;
 pub mod block;
 pub mod mmio;
 pub mod net;
