@@ -22,7 +22,7 @@ use crate::config::{ConfigError, ConsoleConfig, VmConfig};
 use crate::devices::legacy::{self, SerialDevice, SerialOut, I8042};
 use crate::devices::virtio::mmio::{MmioTransport, SharedDevice, NOTIFY_OFFSET};
 use crate::devices::virtio::{
-    block::Block, net::Net, rng::Rng, vsock::Vsock, Interrupt, VirtioDevice,
+    balloon::Balloon, block::Block, net::Net, rng::Rng, vsock::Vsock, Interrupt, VirtioDevice,
 };
 use crate::devices::{Bus, BusDevice, BusError};
 use crate::exit::ExitSignal;
@@ -75,6 +75,8 @@ pub enum BuildError {
     Block(#[from] crate::devices::virtio::block::BlockError),
     #[error("virtio-net")]
     Net(#[from] crate::devices::virtio::net::NetError),
+    #[error("virtio-balloon")]
+    Balloon(#[from] crate::devices::virtio::balloon::BalloonError),
     #[error("virtio-vsock")]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
     #[error(transparent)]
@@ -137,6 +139,10 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
     if config.rng {
         virtio.add(&vm, &mem, "rng".into(), Rng::new()?)?;
     }
+    let balloon = match &config.balloon {
+        Some(b) => Some(virtio.add(&vm, &mem, "balloon".into(), Balloon::new(b)?)?),
+        None => None,
+    };
     let mmio = std::mem::take(&mut virtio.bus);
 
     let vcpu_count =
@@ -216,6 +222,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
         serial,
         subscribers: virtio.subscribers,
         devices: virtio.devices,
+        balloon,
         exit_counters: counters,
     })?)
 }

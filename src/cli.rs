@@ -16,9 +16,15 @@ Examples:
   ledge run --kernel vmlinux --initrd initramfs.cpio.gz --mem-mib 256
   ledge run --kernel bzImage --cmdline 'console=ttyS0 reboot=k panic=1' --console file:/tmp/con
   ledge run --config-file vm.json --vcpus 4   a config file, with one value overridden
-  ledge export-probe probe.elf                write the probe guest for other VMMs";
+  ledge export-probe probe.elf                write the probe guest for other VMMs
+  ledge --api-sock /tmp/ledge.sock            wait for configuration over the API (Firecracker style)
+  ledge --api-sock /tmp/l.sock --config-file vm.json   boot from a Firecracker config, serve the API";
 
 /// Ledge: a micro-VM monitor for edge hosts.
+///
+/// With no command, Ledge runs like Firecracker: `ledge --api-sock PATH` serves the control
+/// API and waits for configuration; with `--config-file` it boots at once (and still serves the
+/// socket unless `--no-api`).
 #[derive(Debug, Parser)]
 #[command(name = "ledge", version, about, after_help = EXAMPLES)]
 pub struct Cli {
@@ -26,8 +32,20 @@ pub struct Cli {
     #[arg(long, global = true, default_value = "warn", value_name = "LEVEL",
           value_parser = ["off", "error", "warn", "info", "debug", "trace"])]
     pub log_level: String,
+    /// Serve the Firecracker-compatible control API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+    /// The VM's id, reported by `GET /`.
+    #[arg(long, value_name = "ID", default_value = "anonymous-instance")]
+    pub id: String,
+    /// Boot at once from this config file (Firecracker's keys, or Ledge's own).
+    #[arg(long, value_name = "PATH")]
+    pub config_file: Option<PathBuf>,
+    /// With --config-file: boot without serving the API.
+    #[arg(long, requires = "config_file")]
+    pub no_api: bool,
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -80,6 +98,9 @@ pub struct RunArgs {
     /// virtio-balloon: mib=N[,deflate-on-oom][,stats=SECONDS].
     #[arg(long, value_name = "SPEC")]
     pub balloon: Option<crate::config::BalloonConfig>,
+    /// Also serve the control API on this Unix socket while the VM runs.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
     /// JSON config file (keys: machine, boot, console, disks, nets, vsock, rng, balloon); flags
     /// override its values, device flags add to its devices.
     #[arg(long, value_name = "PATH")]
@@ -138,7 +159,7 @@ mod tests {
         let mut v = vec!["ledge", "run"];
         v.extend_from_slice(args);
         match Cli::try_parse_from(v).unwrap().command {
-            Command::Run(r) => *r,
+            Some(Command::Run(r)) => *r,
             c => panic!("{c:?}"),
         }
     }

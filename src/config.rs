@@ -561,14 +561,21 @@ impl VmConfig {
 
     /// Parses a JSON config file (the same keys `VmConfig` serialises to).
     pub fn from_json(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        serde_json::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
+        serde_json::from_str(text).map_err(|e| {
+            let hint = if text.contains("\"boot-source\"") || text.contains("\"machine-config\"") {
+                " (this is a Firecracker config file: pass it as `ledge --config-file`)"
+            } else {
+                ""
+            };
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: format!("{e}{hint}"),
+            }
         })
     }
 
-    /// Reads and parses a config file, refusing absurdly large ones.
-    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+    /// Reads the text of a config file, refusing absurdly large ones.
+    pub fn read_file(path: &Path) -> Result<String, ConfigError> {
         use std::io::Read;
         let read_err = |source| ConfigError::ReadFile {
             path: path.to_path_buf(),
@@ -584,7 +591,12 @@ impl VmConfig {
                 path: path.to_path_buf(),
             });
         }
-        Self::from_json(&text, path)
+        Ok(text)
+    }
+
+    /// Reads and parses a config file in Ledge's own format.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        Self::from_json(&Self::read_file(path)?, path)
     }
 }
 

@@ -27,6 +27,7 @@
 //! - `config`: `VmConfig`, the one schema, and its validation;
 //! - `cli`: command-line flags → `VmConfig` (no VM logic);
 //! - `builder`: `VmConfig` → `Vmm` (the boot order lives there);
+//! - `controller`: the VMM thread behind the API: answers `api::Request`s, owns the VM;
 //! - `vmm`: `Vmm`, the lifecycle transition table, the event loop;
 //! - `exit`: why a VM stops and how any thread asks for it;
 //! - `kvm`: /dev/kvm, guest memory slots, vCPU threads and exit dispatch;
@@ -44,6 +45,7 @@ pub mod boot;
 pub mod builder;
 pub mod cli;
 pub mod config;
+pub mod controller;
 pub mod devices;
 pub mod exit;
 pub mod kvm;

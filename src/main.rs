@@ -3,10 +3,14 @@
 //! on any error (bad input, KVM, a guest fault such as a triple fault), 2 for usage errors.
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use anyhow::Context;
 use clap::Parser;
+use ledge::api::ApiServer;
 use ledge::cli::{Cli, Command};
+use ledge::controller::{load_config_file, Controller, LoadedConfig};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Makes sure fds 0, 1 and 2 are open (on /dev/null if they were closed), so that no file
 /// Ledge opens later — an eventfd, the console file — lands on "stdin" and gets read as
@@ -25,6 +29,44 @@ fn fill_standard_fds() {
     }
 }
 
+/// The eventfd the termination signal handler writes to (-1 until installed).
+static TERMINATE_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_terminate(_: libc::c_int) {
+    let fd = TERMINATE_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; `one` is a live 8-byte value and `fd` an
+        // eventfd that stays open for the life of the process.
+        unsafe { libc::write(fd, std::ptr::addr_of!(one).cast(), 8) };
+    }
+}
+
+/// SIGTERM, SIGINT and SIGHUP stop the VM cleanly (sockets removed, exit status 0) instead of
+/// killing the process mid-write. The handler only writes an eventfd; the VMM loop does the rest.
+fn install_termination_handler() -> anyhow::Result<EventFd> {
+    let evt = EventFd::new(EFD_NONBLOCK).context("cannot create the termination eventfd")?;
+    let keep = evt
+        .try_clone()
+        .context("cannot create the termination eventfd")?;
+    TERMINATE_FD.store(std::os::fd::IntoRawFd::into_raw_fd(keep), Ordering::Relaxed);
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: a zeroed sigaction is a valid value to fill in; the handler only calls
+        // async-signal-safe functions; the pointers passed are valid for the call.
+        let rc = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_terminate as *const () as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            anyhow::bail!("cannot install the handler for signal {sig}");
+        }
+    }
+    Ok(evt)
+}
+
 fn main() -> ExitCode {
     fill_standard_fds();
     let cli = Cli::parse();
@@ -39,23 +81,84 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let terminate = install_termination_handler()?;
     match cli.command {
-        Command::ExportProbe { path } => {
+        Some(Command::ExportProbe { path }) => {
             std::fs::write(&path, ledge::probe::PROBE_ELF)
                 .with_context(|| format!("cannot write {}", path.display()))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run(args) => {
+        Some(Command::Run(args)) => {
             let config = args.to_config()?;
-            let mut vmm = ledge::build(&config)?;
-            let exit = vmm.run()?;
-            log::info!("vcpu exits to userspace: {}", vmm.exit_counts());
-            if exit.is_clean() {
-                log::info!("{exit}");
-                Ok(ExitCode::SUCCESS)
-            } else {
-                anyhow::bail!("{exit}")
+            match &args.api_sock {
+                Some(sock) => serve(
+                    sock,
+                    &cli.id,
+                    LoadedConfig {
+                        config,
+                        ..Default::default()
+                    },
+                    true,
+                    terminate,
+                ),
+                None => {
+                    let mut vmm = ledge::build(&config)?;
+                    vmm.stop_on(terminate);
+                    finish(vmm.run()?, Some(&vmm))
+                }
             }
         }
+        None => {
+            let loaded = match &cli.config_file {
+                Some(p) => load_config_file(p)?,
+                None => LoadedConfig::default(),
+            };
+            if cli.no_api {
+                // clap makes --no-api require --config-file.
+                let mut vmm = ledge::build(&loaded.config)?;
+                vmm.stop_on(terminate);
+                return finish(vmm.run()?, Some(&vmm));
+            }
+            let Some(sock) = &cli.api_sock else {
+                anyhow::bail!(
+                    "nothing to do: give --api-sock PATH to serve the API, or a command (ledge run, see --help)"
+                );
+            };
+            serve(sock, &cli.id, loaded, cli.config_file.is_some(), terminate)
+        }
+    }
+}
+
+/// Serves the control API on `sock` until the VM stops; boots at once when `boot_now`.
+fn serve(
+    sock: &std::path::Path,
+    id: &str,
+    loaded: LoadedConfig,
+    boot_now: bool,
+    terminate: EventFd,
+) -> anyhow::Result<ExitCode> {
+    let (server, requests) = ApiServer::start(sock, id)?;
+    let mut controller = Controller::new(id, loaded.config, requests);
+    controller.stop_on(terminate);
+    controller
+        .apply_file_sections(loaded.logger, loaded.metrics)
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    if boot_now {
+        controller.boot()?;
+    }
+    let exit = controller.run()?;
+    drop(server);
+    finish(exit, None)
+}
+
+fn finish(exit: ledge::VmExit, vmm: Option<&ledge::Vmm>) -> anyhow::Result<ExitCode> {
+    if let Some(v) = vmm {
+        log::info!("vcpu exits to userspace: {}", v.exit_counts());
+    }
+    if exit.is_clean() {
+        log::info!("{exit}");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        anyhow::bail!("{exit}")
     }
 }

@@ -16,9 +16,11 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
 use crate::devices::legacy::SerialDevice;
+use crate::devices::virtio::balloon::Balloon;
 use crate::devices::virtio::mmio::SharedDevice;
 use crate::exit::{ExitSignal, VmExit};
 use crate::kvm::vcpu::{ExitCounters, ExitCounts, VcpuCommand, VcpuError, VcpuEvent, VcpuHandle};
@@ -80,6 +82,8 @@ pub enum VmmError {
     },
     #[error("cannot set up the VMM event loop")]
     EventLoop(#[source] event_manager::Error),
+    #[error("{0} is not available yet")]
+    Unsupported(&'static str),
     #[error("cannot {0} the guest clock")]
     Clock(&'static str, #[source] kvm_ioctls::Error),
 }
@@ -95,6 +99,7 @@ pub struct Vmm {
     serial: Arc<Mutex<SerialDevice>>,
     exit_counters: Arc<ExitCounters>,
     devices: Vec<(String, SharedDevice)>,
+    balloon: Option<Arc<Mutex<Balloon>>>,
     started: Option<std::time::Instant>,
     events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     /// kvmclock when the VM was paused, put back on resume so guest time stands still.
@@ -125,6 +130,8 @@ pub(crate) struct VmParts {
     pub exit_counters: Arc<ExitCounters>,
     /// Every virtio device by name, for metrics and host-side control.
     pub devices: Vec<(String, SharedDevice)>,
+    /// The balloon, typed, for the API's live target and statistics.
+    pub balloon: Option<Arc<Mutex<Balloon>>>,
 }
 
 impl Vmm {
@@ -149,6 +156,7 @@ impl Vmm {
             serial: parts.serial,
             exit_counters: parts.exit_counters,
             devices: parts.devices,
+            balloon: parts.balloon,
             started: None,
             events,
             paused_clock: None,
@@ -168,6 +176,11 @@ impl Vmm {
     /// Guest memory, for callers that inspect or snapshot it.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    /// Presses Ctrl-Alt-Del on the guest's keyboard.
+    pub fn send_ctrl_alt_del(&mut self) -> Result<(), VmmError> {
+        Err(VmmError::Unsupported("SendCtrlAltDel"))
     }
 
     /// One metrics record: uptime, vCPU exits by kind, each device's counters.
@@ -190,6 +203,11 @@ impl Vmm {
             "vcpu_exits": self.exit_counts(),
             "devices": devices,
         })
+    }
+
+    /// The balloon device, when the VM has one.
+    pub fn balloon(&self) -> Option<Arc<Mutex<Balloon>>> {
+        self.balloon.clone()
     }
 
     /// The virtio devices, by name.
@@ -294,6 +312,14 @@ impl Vmm {
         }
     }
 
+    /// Stops the VM (as `request_stop`) when `evt` becomes readable — the binary's
+    /// SIGTERM/SIGINT eventfd, for one.
+    pub fn stop_on(&mut self, evt: EventFd) {
+        let watch: Arc<Mutex<dyn MutEventSubscriber + Send>> =
+            Arc::new(Mutex::new(StopOn(evt, self.exit.clone())));
+        self.events.add_subscriber(watch);
+    }
+
     /// Adds an event source to the VMM thread's loop (the API's request event, for one).
     pub fn add_subscriber(&mut self, s: Arc<Mutex<dyn MutEventSubscriber + Send>>) {
         self.events.add_subscriber(s);
@@ -348,6 +374,22 @@ impl MutEventSubscriber for StopWatch {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(self.0.event(), EventSet::IN)) {
             log::error!("cannot watch the VM stop event: {e}");
+        }
+    }
+}
+
+/// Turns an outside event into a host stop.
+struct StopOn(EventFd, Arc<ExitSignal>);
+
+impl MutEventSubscriber for StopOn {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.read();
+        self.1.request(VmExit::Stopped);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
+            log::error!("cannot watch the stop event: {e}");
         }
     }
 }

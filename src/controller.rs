@@ -1,0 +1,537 @@
+//! The VMM thread's side of the control API: one loop that owns the VM — or, before boot, the
+//! `VmConfig` being assembled — and answers every `api::Request` with one `match`.
+//!
+//! Threading: the API thread only translates HTTP; requests reach this loop through
+//! `ApiReceiver` (a channel plus an eventfd). While the VM runs, the eventfd sits in the VMM's
+//! event loop next to the devices, so a request wakes `Vmm::poll` and is served after it. Before
+//! boot and while paused the loop serves requests only: no device event is processed while
+//! paused, which is what makes a pause a pause for the devices too. Every state change asks the
+//! transition table first (`VmState::check_transition`); a refusal is a 400 naming the state.
+//!
+//! Metrics: `PUT /metrics` names a file; a JSON record (uptime, vCPU exits by kind, each
+//! device's counters, API requests by route and status) is appended on `FlushMetrics` and every
+//! 60 s while the VM exists.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::api::types::{self, ActionType, VmStateChange};
+use crate::api::{ApiError, ApiReceiver, ApiRequest, Reply, Request, Response};
+use crate::builder::BuildError;
+use crate::config::VmConfig;
+use crate::devices::virtio::balloon::Balloon;
+use crate::exit::VmExit;
+use crate::vmm::{VmState, Vmm, VmmError};
+
+/// How often metrics are written while a metrics file is set.
+const METRICS_PERIOD: Duration = Duration::from_secs(60);
+/// The longest the loop sleeps without looking at the stop signal and the metrics clock.
+const TICK: Duration = Duration::from_millis(500);
+
+/// Errors that end the controller.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("cannot boot the VM")]
+    Build(#[from] BuildError),
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+}
+
+/// Wakes the event loop when API requests wait; the controller drains them after `poll`.
+struct RequestWake(EventFd);
+
+impl MutEventSubscriber for RequestWake {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
+            log::error!("cannot watch the API request event: {e}");
+        }
+    }
+}
+
+/// The VMM thread of `ledge --api-sock`.
+pub struct Controller {
+    id: String,
+    config: VmConfig,
+    vmm: Option<Vmm>,
+    requests: ApiReceiver,
+    logger: Option<types::Logger>,
+    metrics: Option<(types::Metrics, PathBuf)>,
+    metrics_written: Instant,
+    /// API requests answered, by route (the Request variant) and status.
+    api_counts: BTreeMap<String, u64>,
+    /// Readable when the process was asked to terminate.
+    terminate: Option<EventFd>,
+}
+
+/// A config file's contents, whichever format it was in.
+#[derive(Debug, Default)]
+pub struct LoadedConfig {
+    pub config: VmConfig,
+    pub logger: Option<types::Logger>,
+    pub metrics: Option<types::Metrics>,
+}
+
+/// Errors reading a config file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("config file {path}: {message}")]
+    Firecracker { path: PathBuf, message: String },
+}
+
+/// Reads a config file in Firecracker's format (keys `boot-source`, `machine-config`, …) or
+/// in Ledge's own (`machine`, `boot`, …), telling them apart by their top-level keys.
+pub fn load_config_file(path: &std::path::Path) -> Result<LoadedConfig, ConfigFileError> {
+    let text = VmConfig::read_file(path)?;
+    let firecracker = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| {
+            v.as_object().map(|o| {
+                o.keys().any(|k| {
+                    matches!(
+                        k.as_str(),
+                        "boot-source"
+                            | "machine-config"
+                            | "drives"
+                            | "network-interfaces"
+                            | "logger"
+                            | "metrics"
+                            | "entropy"
+                    )
+                })
+            })
+        })
+        .unwrap_or(false);
+    if !firecracker {
+        return Ok(LoadedConfig {
+            config: VmConfig::from_json(&text, path)?,
+            ..Default::default()
+        });
+    }
+    let parsed =
+        types::parse_config_file_full(&text).map_err(|e| ConfigFileError::Firecracker {
+            path: path.to_path_buf(),
+            message: e.message,
+        })?;
+    Ok(LoadedConfig {
+        config: parsed.vm,
+        logger: parsed.logger,
+        metrics: parsed.metrics,
+    })
+}
+
+/// A chain of error messages on one line: "outer: inner: root cause".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn json(v: serde_json::Value) -> Reply {
+    Ok(Response::Json(v))
+}
+
+fn route_name(r: &Request) -> String {
+    let s = format!("{r:?}");
+    s.split(['(', ' ', '{']).next().unwrap_or("?").to_string()
+}
+
+impl Controller {
+    pub fn new(id: &str, config: VmConfig, requests: ApiReceiver) -> Self {
+        Controller {
+            id: id.to_string(),
+            config,
+            vmm: None,
+            requests,
+            logger: None,
+            metrics: None,
+            metrics_written: Instant::now(),
+            api_counts: BTreeMap::new(),
+            terminate: None,
+        }
+    }
+
+    /// Stops the VM (or, before boot, the controller) when `evt` becomes readable.
+    pub fn stop_on(&mut self, evt: EventFd) {
+        self.terminate = Some(evt);
+    }
+
+    fn terminate_requested(&self) -> bool {
+        self.terminate.as_ref().is_some_and(|e| e.read().is_ok())
+    }
+
+    /// Applies the `logger` and `metrics` sections of a config file, as the API calls would.
+    pub fn apply_file_sections(
+        &mut self,
+        logger: Option<types::Logger>,
+        metrics: Option<types::Metrics>,
+    ) -> Result<(), ApiError> {
+        if let Some(l) = logger {
+            self.put_logger(l)?;
+        }
+        if let Some(m) = metrics {
+            self.put_metrics(m)?;
+        }
+        Ok(())
+    }
+
+    pub fn state(&self) -> VmState {
+        self.vmm.as_ref().map_or(VmState::NotStarted, Vmm::state)
+    }
+
+    /// Builds and starts the VM from the configuration assembled so far.
+    pub fn boot(&mut self) -> Result<(), ControllerError> {
+        let mut vmm = crate::builder::build(&self.config)?;
+        let wake = self
+            .requests
+            .event()
+            .try_clone()
+            .map_err(|e| ControllerError::Build(BuildError::EventFd(e)))?;
+        vmm.add_subscriber(Arc::new(Mutex::new(RequestWake(wake))));
+        if let Some(t) = &self.terminate {
+            let t = t
+                .try_clone()
+                .map_err(|e| ControllerError::Build(BuildError::EventFd(e)))?;
+            vmm.stop_on(t);
+        }
+        vmm.start()?;
+        self.vmm = Some(vmm);
+        Ok(())
+    }
+
+    /// Serves requests until the VM stops; returns why it stopped.
+    pub fn run(mut self) -> Result<VmExit, ControllerError> {
+        loop {
+            match self.vmm.as_mut() {
+                Some(vmm) if vmm.state() == VmState::Running => {
+                    if let Some(exit) = vmm.poll(TICK.as_millis() as i32)? {
+                        self.final_metrics();
+                        return Ok(exit);
+                    }
+                    while let Some(r) = self.requests.try_recv() {
+                        self.handle(r);
+                    }
+                }
+                _ => {
+                    // Before boot or paused: control requests only.
+                    if let Some(r) = self.requests.recv_timeout(TICK) {
+                        self.handle(r);
+                    }
+                    if self.terminate_requested() {
+                        match self.vmm.as_ref() {
+                            Some(v) => v.request_stop(),
+                            None => return Ok(VmExit::Stopped),
+                        }
+                    }
+                    if let Some(vmm) = self.vmm.as_mut() {
+                        if vmm.exit_signal().requested() {
+                            if let Some(exit) = vmm.poll(0)? {
+                                self.final_metrics();
+                                return Ok(exit);
+                            }
+                        }
+                    }
+                }
+            }
+            if self.metrics_written.elapsed() >= METRICS_PERIOD {
+                self.write_metrics_logged();
+            }
+        }
+    }
+
+    fn handle(&mut self, req: ApiRequest) {
+        let route = route_name(&req.request);
+        let reply = self.dispatch(&req.request);
+        let status = match &reply {
+            Ok(Response::NoContent) => 204,
+            Ok(Response::Json(_)) => 200,
+            Err(e) => e.status,
+        };
+        *self
+            .api_counts
+            .entry(format!("{route} {status}"))
+            .or_default() += 1;
+        if let Err(e) = &reply {
+            log::info!("api: {route} refused ({}): {}", e.status, e.message);
+        }
+        req.respond(reply);
+    }
+
+    /// Changes the pre-boot configuration, or refuses naming the state.
+    fn pre_boot(
+        &mut self,
+        what: &str,
+        f: impl FnOnce(&mut VmConfig) -> Result<(), ApiError>,
+    ) -> Reply {
+        let state = self.state();
+        if state != VmState::NotStarted {
+            return Err(ApiError::wrong_state(what, state));
+        }
+        f(&mut self.config).map(|()| Response::NoContent)
+    }
+
+    fn running_vmm(&mut self, what: &str) -> Result<&mut Vmm, ApiError> {
+        let state = self.state();
+        match self.vmm.as_mut() {
+            Some(v) if matches!(state, VmState::Running | VmState::Paused) => Ok(v),
+            _ => Err(ApiError::wrong_state(what, state)),
+        }
+    }
+
+    fn dispatch(&mut self, request: &Request) -> Reply {
+        use Request as R;
+        let state = self.state();
+        match request {
+            R::GetInstanceInfo => json(types::InstanceInfo::new(&self.id, state).to_json()),
+            R::GetVersion => json(types::version_json()),
+            R::GetVmConfig => {
+                let mut v = types::vm_config_json(&self.config);
+                v["logger"] = serde_json::to_value(&self.logger).unwrap_or_default();
+                v["metrics"] =
+                    serde_json::to_value(self.metrics.as_ref().map(|m| &m.0)).unwrap_or_default();
+                json(v)
+            }
+            R::GetMachineConfig => json(
+                serde_json::to_value(types::MachineConfig::from_config(&self.config))
+                    .unwrap_or_default(),
+            ),
+            R::PutMachineConfig(m) => self.pre_boot("PUT /machine-config", |c| m.apply(c)),
+            R::PatchMachineConfig(m) => self.pre_boot("PATCH /machine-config", |c| m.apply(c)),
+            R::PutBootSource(b) => self.pre_boot("PUT /boot-source", |c| b.apply(c)),
+            R::PutDrive(d) => self.pre_boot("PUT /drives", |c| d.apply(c)),
+            R::PatchDrive(p) => Err(p.refuse(state)),
+            R::PutNetworkInterface(n) => self.pre_boot("PUT /network-interfaces", |c| n.apply(c)),
+            R::PatchNetworkInterface(p) => Err(p.refuse(state)),
+            R::PutVsock(v) => self.pre_boot("PUT /vsock", |c| v.apply(c)),
+            R::PutEntropy(e) => self.pre_boot("PUT /entropy", |c| e.apply(c)),
+            R::PutBalloon(b) => self.pre_boot("PUT /balloon", |c| b.apply(c)),
+            R::PatchBalloon(u) => match state {
+                VmState::NotStarted => self.pre_boot("PATCH /balloon", |c| u.apply(c)),
+                _ => self.balloon_update(u),
+            },
+            R::GetBalloon => self.balloon_get(),
+            R::GetBalloonStats => self.balloon_stats(),
+            R::PatchBalloonStats(u) => match state {
+                VmState::NotStarted => self.pre_boot("PATCH /balloon/statistics", |c| u.apply(c)),
+                _ => self.balloon_stats_update(u),
+            },
+            R::Action(ActionType::InstanceStart) => {
+                state
+                    .check_transition(VmState::Running)
+                    .map_err(|_| ApiError::wrong_state("InstanceStart", state))?;
+                self.config.validate()?;
+                self.boot().map_err(|e| {
+                    ApiError::bad_request(format!("cannot start the VM: {}", error_chain(&e)))
+                })?;
+                Ok(Response::NoContent)
+            }
+            R::Action(ActionType::SendCtrlAltDel) => {
+                if state != VmState::Running {
+                    return Err(ApiError::wrong_state("SendCtrlAltDel", state));
+                }
+                let vmm = self.running_vmm("SendCtrlAltDel")?;
+                vmm.send_ctrl_alt_del()
+                    .map_err(|e| ApiError::internal(error_chain(&e)))?;
+                Ok(Response::NoContent)
+            }
+            R::Action(ActionType::FlushMetrics) => {
+                if self.metrics.is_none() {
+                    return Err(ApiError::bad_request(
+                        "FlushMetrics needs a metrics file: PUT /metrics first",
+                    ));
+                }
+                self.write_metrics()
+                    .map_err(|e| ApiError::internal(format!("cannot write metrics: {e}")))?;
+                Ok(Response::NoContent)
+            }
+            R::PatchVm(change) => {
+                let (what, to) = match change {
+                    VmStateChange::Paused => ("pausing", VmState::Paused),
+                    VmStateChange::Resumed => ("resuming", VmState::Running),
+                };
+                state
+                    .check_transition(to)
+                    .map_err(|_| ApiError::wrong_state(what, state))?;
+                let vmm = self.running_vmm(what)?;
+                let r = match change {
+                    VmStateChange::Paused => vmm.pause(),
+                    VmStateChange::Resumed => vmm.resume(),
+                };
+                r.map_err(|e| ApiError::internal(error_chain(&e)))?;
+                Ok(Response::NoContent)
+            }
+            R::PutLogger(l) => self.put_logger(l.clone()).map(|()| Response::NoContent),
+            R::PutMetrics(m) => self.put_metrics(m.clone()).map(|()| Response::NoContent),
+        }
+    }
+
+    fn put_logger(&mut self, l: types::Logger) -> Result<(), ApiError> {
+        if l.module.is_some() {
+            return Err(ApiError::unsupported(
+                "module",
+                "Ledge logs from one crate; leave it out",
+            ));
+        }
+        crate::logger::configure(
+            l.log_path.as_deref().map(std::path::Path::new),
+            l.level.map(types::LogLevel::to_filter),
+            l.show_level,
+            l.show_log_origin,
+        )
+        .map_err(|e| ApiError::bad_request(error_chain(&e)))?;
+        self.logger = Some(l);
+        Ok(())
+    }
+
+    fn put_metrics(&mut self, m: types::Metrics) -> Result<(), ApiError> {
+        if self.metrics.is_some() {
+            return Err(ApiError::bad_request(
+                "the metrics file is already set; it can be set once",
+            ));
+        }
+        let path = PathBuf::from(&m.metrics_path);
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| {
+                ApiError::bad_request(format!("cannot open metrics file {}: {e}", path.display()))
+            })?;
+        self.metrics = Some((m, path));
+        Ok(())
+    }
+
+    fn metrics_record(&self) -> serde_json::Value {
+        let mut v = match &self.vmm {
+            Some(vmm) => vmm.metrics(),
+            None => serde_json::json!({ "state": VmState::NotStarted.to_string() }),
+        };
+        v["api_requests"] = serde_json::to_value(&self.api_counts).unwrap_or_default();
+        v
+    }
+
+    fn write_metrics(&mut self) -> std::io::Result<()> {
+        self.metrics_written = Instant::now();
+        let Some((_, path)) = &self.metrics else {
+            return Ok(());
+        };
+        let line = format!("{}\n", self.metrics_record());
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?
+            .write_all(line.as_bytes())
+    }
+
+    fn write_metrics_logged(&mut self) {
+        if let Err(e) = self.write_metrics() {
+            log::warn!("cannot write metrics: {e}");
+        }
+    }
+
+    fn final_metrics(&mut self) {
+        if self.metrics.is_some() {
+            self.write_metrics_logged();
+        }
+    }
+
+    fn balloon_missing() -> ApiError {
+        ApiError::bad_request("no balloon device: PUT /balloon before InstanceStart")
+    }
+
+    fn balloon_get(&mut self) -> Reply {
+        let mut v = types::balloon_json(&self.config)?;
+        if let Some(b) = self.vmm.as_ref().and_then(Vmm::balloon) {
+            v["amount_mib"] = lock(&b).target_mib().into();
+        }
+        json(v)
+    }
+
+    fn live_balloon(&mut self, what: &str) -> Result<(Arc<Mutex<Balloon>>, u64), ApiError> {
+        let vmm = self.running_vmm(what)?;
+        let mem = vmm.config().machine.mem_mib;
+        let b = vmm.balloon().ok_or_else(Self::balloon_missing)?;
+        Ok((b, mem))
+    }
+
+    fn balloon_update(&mut self, u: &types::BalloonUpdate) -> Reply {
+        let (b, mem) = self.live_balloon("PATCH /balloon")?;
+        if u64::from(u.amount_mib) > mem {
+            return Err(ApiError::bad_request(format!(
+                "amount_mib {} is larger than guest memory ({mem} MiB)",
+                u.amount_mib
+            )));
+        }
+        lock(&b).set_target_mib(u.amount_mib);
+        if let Some(cfg) = self.config.balloon.as_mut() {
+            cfg.mib = u.amount_mib;
+        }
+        Ok(Response::NoContent)
+    }
+
+    fn balloon_stats(&mut self) -> Reply {
+        let (b, _) = self.live_balloon("GET /balloon/statistics")?;
+        let b = lock(&b);
+        if !b.stats_enabled() {
+            return Err(ApiError::bad_request(
+                "balloon statistics are off: set stats_polling_interval_s > 0 before boot",
+            ));
+        }
+        let s = b.latest_stats().unwrap_or_default();
+        let (target, actual) = (b.target_mib(), b.actual_mib());
+        let stats = types::BalloonStats {
+            target_pages: target.saturating_mul(256),
+            actual_pages: actual.saturating_mul(256),
+            target_mib: target,
+            actual_mib: actual,
+            swap_in: s.swap_in,
+            swap_out: s.swap_out,
+            major_faults: s.major_faults,
+            minor_faults: s.minor_faults,
+            free_memory: s.free_memory,
+            total_memory: s.total_memory,
+            available_memory: s.available_memory,
+            disk_caches: s.disk_caches,
+            hugetlb_allocations: s.hugetlb_allocations,
+            hugetlb_failures: s.hugetlb_failures,
+        };
+        json(serde_json::to_value(stats).unwrap_or_default())
+    }
+
+    fn balloon_stats_update(&mut self, u: &types::BalloonStatsUpdate) -> Reply {
+        let (b, _) = self.live_balloon("PATCH /balloon/statistics")?;
+        let mut b = lock(&b);
+        if b.stats_enabled() != (u.stats_polling_interval_s > 0) {
+            return Err(ApiError::bad_request(
+                "balloon statistics cannot be turned on or off after boot, only their interval changed",
+            ));
+        }
+        b.set_stats_interval(u32::from(u.stats_polling_interval_s));
+        if let Some(cfg) = self.config.balloon.as_mut() {
+            cfg.stats_interval_s = u32::from(u.stats_polling_interval_s);
+        }
+        Ok(Response::NoContent)
+    }
+}
