@@ -89,8 +89,21 @@ fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError 
 
 /// Builds the VM `config` describes; its vCPUs wait, paused, for `Vmm::start`.
 pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
+    build_with_console(config, None)
+}
+
+/// As `build`, with the guest's COM1 output going to `console` instead of what
+/// `config.console` says — for programs that embed Ledge and keep the output themselves.
+pub fn build_with_console(
+    config: &VmConfig,
+    console: Option<SerialOut>,
+) -> Result<Vmm, BuildError> {
     config.validate()?;
-    let console = console_writer(&config.console)?;
+    let stdin_input = console.is_none() && config.console == ConsoleConfig::Stdio;
+    let console = match console {
+        Some(c) => c,
+        None => console_writer(&config.console)?,
+    };
 
     let kvm = kvm::open()?;
     arch::check_kvm(&kvm)?;
@@ -223,6 +236,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
         subscribers: virtio.subscribers,
         devices: virtio.devices,
         balloon,
+        stdin_input,
         exit_counters: counters,
     })?)
 }

@@ -27,6 +27,7 @@ use crate::api::types::{self, ActionType, VmStateChange};
 use crate::api::{ApiError, ApiReceiver, ApiRequest, Reply, Request, Response};
 use crate::builder::BuildError;
 use crate::config::VmConfig;
+use crate::devices::legacy::SerialOut;
 use crate::devices::virtio::balloon::Balloon;
 use crate::exit::VmExit;
 use crate::vmm::{VmState, Vmm, VmmError};
@@ -73,6 +74,8 @@ pub struct Controller {
     api_counts: BTreeMap<String, u64>,
     /// Readable when the process was asked to terminate.
     terminate: Option<EventFd>,
+    /// A caller-supplied sink for the guest console (library use).
+    console: Option<SerialOut>,
 }
 
 /// A config file's contents, whichever format it was in.
@@ -170,7 +173,13 @@ impl Controller {
             metrics_written: Instant::now(),
             api_counts: BTreeMap::new(),
             terminate: None,
+            console: None,
         }
+    }
+
+    /// Sends the guest's console output to `sink` instead of what the config says.
+    pub fn set_console(&mut self, sink: SerialOut) {
+        self.console = Some(sink);
     }
 
     /// Stops the VM (or, before boot, the controller) when `evt` becomes readable.
@@ -203,7 +212,7 @@ impl Controller {
 
     /// Builds and starts the VM from the configuration assembled so far.
     pub fn boot(&mut self) -> Result<(), ControllerError> {
-        let mut vmm = crate::builder::build(&self.config)?;
+        let mut vmm = crate::builder::build_with_console(&self.config, self.console.take())?;
         let wake = self
             .requests
             .event()
@@ -533,5 +542,119 @@ impl Controller {
             cfg.stats_interval_s = u32::from(u.stats_polling_interval_s);
         }
         Ok(Response::NoContent)
+    }
+}
+
+/// A VM on its own VMM thread, driven from any thread: Ledge's front door for programs that
+/// embed it. Behind it runs the same `Controller` as behind the HTTP API, fed through an
+/// in-process channel, so a library caller and an API client see the same rules (the same
+/// transition table, the same errors).
+///
+/// Threads: `spawn` starts one thread named `vmm` (the VMM thread) plus, once started, one
+/// `vcpuN` thread per vCPU. Ledge installs one process-wide signal handler, for `SIGRTMIN`
+/// (used to kick vCPU threads out of `KVM_RUN`); it installs none for SIGTERM/SIGINT — that is
+/// the embedding program's business — and it never exits the process.
+#[derive(Clone, Debug)]
+pub struct VmmHandle {
+    api: crate::api::ApiSender,
+    inner: Arc<HandleInner>,
+}
+
+#[derive(Debug)]
+struct HandleInner {
+    stop: EventFd,
+    thread: Mutex<Option<std::thread::JoinHandle<Result<VmExit, ControllerError>>>>,
+}
+
+/// Errors of the handle.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    #[error("cannot start the VMM thread")]
+    Spawn(#[source] std::io::Error),
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error(transparent)]
+    Controller(#[from] ControllerError),
+    #[error("the VMM thread was already waited for")]
+    AlreadyWaited,
+    #[error("the VMM thread panicked")]
+    Panicked,
+}
+
+impl VmmHandle {
+    /// Starts the VMM thread with `config` (not booted yet: call `start`). With `console`, the
+    /// guest's COM1 output goes to that sink instead of what `config.console` says.
+    pub fn spawn(
+        id: &str,
+        config: VmConfig,
+        console: Option<SerialOut>,
+    ) -> Result<VmmHandle, HandleError> {
+        config.validate().map_err(ApiError::from)?;
+        let (api, requests) = crate::api::channel().map_err(HandleError::Spawn)?;
+        let stop = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).map_err(HandleError::Spawn)?;
+        let mut controller = Controller::new(id, config, requests);
+        controller.stop_on(stop.try_clone().map_err(HandleError::Spawn)?);
+        if let Some(c) = console {
+            controller.set_console(c);
+        }
+        let thread = std::thread::Builder::new()
+            .name("vmm".into())
+            .spawn(move || controller.run())
+            .map_err(HandleError::Spawn)?;
+        Ok(VmmHandle {
+            api,
+            inner: Arc::new(HandleInner {
+                stop,
+                thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    /// Any request the API knows, answered as over the socket.
+    pub fn call(&self, request: Request) -> Reply {
+        self.api.call(request)
+    }
+
+    fn action(&self, request: Request) -> Result<(), HandleError> {
+        self.call(request)?;
+        Ok(())
+    }
+
+    /// Boots the VM (NotStarted → Running).
+    pub fn start(&self) -> Result<(), HandleError> {
+        self.action(Request::Action(ActionType::InstanceStart))
+    }
+
+    /// Running → Paused: every vCPU out of guest code, no device I/O, guest time frozen.
+    pub fn pause(&self) -> Result<(), HandleError> {
+        self.action(Request::PatchVm(VmStateChange::Paused))
+    }
+
+    /// Paused → Running.
+    pub fn resume(&self) -> Result<(), HandleError> {
+        self.action(Request::PatchVm(VmStateChange::Resumed))
+    }
+
+    /// What `GET /` answers: id, state, version.
+    pub fn describe(&self) -> Result<serde_json::Value, HandleError> {
+        match self.call(Request::GetInstanceInfo)? {
+            Response::Json(v) => Ok(v),
+            Response::NoContent => Ok(serde_json::Value::Null),
+        }
+    }
+
+    /// Asks the VM to stop (in any state); `wait` returns once it has.
+    pub fn stop(&self) {
+        if let Err(e) = self.inner.stop.write(1) {
+            log::error!("cannot signal the VMM thread to stop: {e}");
+        }
+    }
+
+    /// Waits for the VMM thread to end and returns why the VM stopped.
+    pub fn wait(&self) -> Result<VmExit, HandleError> {
+        let thread = lock(&self.inner.thread)
+            .take()
+            .ok_or(HandleError::AlreadyWaited)?;
+        Ok(thread.join().map_err(|_| HandleError::Panicked)??)
     }
 }

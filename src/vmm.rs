@@ -132,6 +132,8 @@ pub(crate) struct VmParts {
     pub devices: Vec<(String, SharedDevice)>,
     /// The balloon, typed, for the API's live target and statistics.
     pub balloon: Option<Arc<Mutex<Balloon>>>,
+    /// Forward the process's stdin to COM1 (console on stdio, no caller-supplied sink).
+    pub stdin_input: bool,
 }
 
 impl Vmm {
@@ -143,7 +145,7 @@ impl Vmm {
         for s in parts.subscribers {
             events.add_subscriber(s);
         }
-        if parts.config.console == crate::config::ConsoleConfig::Stdio {
+        if parts.stdin_input {
             let input: Arc<Mutex<dyn MutEventSubscriber + Send>> =
                 Arc::new(Mutex::new(SerialInput::stdin(parts.serial.clone())));
             events.add_subscriber(input);

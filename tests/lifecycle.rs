@@ -86,3 +86,62 @@ fn guest_reset_ends_run_with_reset() {
     assert_eq!(vmm.run().expect("run"), VmExit::Reset);
     assert_eq!(vmm.state(), VmState::Stopped);
 }
+
+/// The embedding API: a VM on its own VMM thread, driven through `VmmHandle` with the same
+/// rules as the HTTP API (refused transitions are errors naming the state).
+#[test]
+fn vmm_handle_drives_a_vm_from_another_thread() {
+    if !common::require_kvm("vmm_handle_drives_a_vm_from_another_thread") {
+        return;
+    }
+    use ledge::controller::VmmHandle;
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let sink = Sink::default();
+    let count = |s: &Sink| {
+        String::from_utf8_lossy(&s.0.lock().unwrap())
+            .lines()
+            .filter(|l| l.starts_with("count: "))
+            .count()
+    };
+    let mut cfg = VmConfig::default();
+    cfg.boot.cmdline = Some("probe=count".into());
+    let vm = VmmHandle::spawn("handle-test", cfg, Some(Box::new(sink.clone()))).unwrap();
+    assert_eq!(vm.describe().unwrap()["state"], "Not started");
+    let e = vm.pause().unwrap_err().to_string();
+    assert!(e.contains("Not started"), "{e}");
+    vm.start().unwrap();
+    let start = Instant::now();
+    while count(&sink) < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "guest not counting"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let other = vm.clone();
+    std::thread::spawn(move || other.pause().unwrap())
+        .join()
+        .unwrap();
+    assert_eq!(vm.describe().unwrap()["state"], "Paused");
+    let frozen = count(&sink);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(count(&sink), frozen);
+    vm.resume().unwrap();
+    vm.stop();
+    assert_eq!(vm.wait().unwrap(), VmExit::Stopped);
+    assert!(vm.wait().is_err(), "a second wait is refused");
+    assert!(vm.describe().is_err(), "the VMM thread is gone");
+}

@@ -3,10 +3,9 @@
 //! Ledge's virtio-rng, virtio-blk and virtio-net, with the host checking the other side: the
 //! disk image byte for byte, the frames echoed back through a TAP.
 //!
-//! A test whose device Ledge does not offer yet (the probe lists no virtio device of that id)
-//! prints `SKIPPED` and passes, unless LEDGE_REQUIRE_DEVICES=1 makes that a failure. The net
-//! test needs root (it creates a TAP) and prints `SKIPPED` otherwise. Times are printed,
-//! never asserted.
+//! Every device must be there: a probe report without the expected virtio device fails the
+//! test. The net test needs root (it creates a TAP) and prints `SKIPPED` otherwise. Times are
+//! printed, never asserted.
 
 mod common;
 
@@ -47,24 +46,17 @@ fn num(line: &str, key: &str) -> u64 {
     }
 }
 
-/// True if the probe found a virtio device of `id`; otherwise prints why the test is skipped
-/// (or fails under LEDGE_REQUIRE_DEVICES=1).
+/// True if the probe found a virtio device of `id`; a missing device fails the test.
 fn device_present(test: &str, stdout: &str, id: u64, what: &str) -> bool {
     let found = stdout
         .lines()
         .filter(|l| l.starts_with("virtio: addr="))
         .any(|l| num(l, "device_id") == id);
-    if found {
-        return true;
-    }
-    let msg = format!(
-        "[{test}] the probe lists no virtio device id {id} ({what}): Ledge does not offer it yet"
+    assert!(
+        found,
+        "[{test}] the probe lists no virtio device id {id} ({what}):\n{stdout}"
     );
-    if std::env::var("LEDGE_REQUIRE_DEVICES").as_deref() == Ok("1") {
-        panic!("{msg} (LEDGE_REQUIRE_DEVICES=1)");
-    }
-    println!("{msg}; SKIPPED");
-    false
+    true
 }
 
 /// Host TSC ticks per second, measured here; KVM runs the guest TSC at the host's rate

@@ -10,7 +10,7 @@ log() { printf '\n== %s\n' "$*"; }
 
 # Debian packages the tests use directly (build-guest.sh and kvm-lab.sh install their own).
 need=()
-for p in qemu-system-x86 util-linux e2fsprogs cpio; do
+for p in qemu-system-x86 util-linux e2fsprogs cpio curl python3-venv iproute2; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ "${#need[@]}" -gt 0 ]; then
@@ -37,6 +37,13 @@ set +e
 cargo test --all-targets -- --nocapture 2>&1 | tee target/test-output.log
 status=${PIPESTATUS[0]}
 set -e
+if [ "$status" -eq 0 ]; then
+    log "the embedding example (examples/agent.rs)"
+    set +e
+    cargo run --quiet --example agent 2>&1 | tee -a target/test-output.log
+    status=${PIPESTATUS[0]}
+    set -e
+fi
 grep -E '^test result:' target/test-output.log | awk '
     { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
     END { printf "\n%d passed, %d failed\n", p, f }'
