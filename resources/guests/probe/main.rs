@@ -193,6 +193,40 @@ fn build_idt() {
     }
 }
 
+/// Watches the i8042 keyboard for Ctrl-Alt-Del (set-1 scancodes, as an i8042 translates
+/// them): the way a VMM's SendCtrlAltDel reaches a guest with no interrupts enabled.
+#[derive(Default)]
+struct CtrlAltDel {
+    ctrl: bool,
+    alt: bool,
+    extended: bool,
+}
+
+impl CtrlAltDel {
+    /// Reads what the keyboard has queued (bounded); true once Ctrl-Alt-Del was pressed.
+    fn poll(&mut self) -> bool {
+        for _ in 0..16 {
+            let status = uart::inb(0x64);
+            // No controller (the port floats to all-ones) or nothing waiting.
+            if status == 0xff || status & 1 == 0 {
+                return false;
+            }
+            let code = uart::inb(0x60);
+            let extended = core::mem::take(&mut self.extended);
+            match code {
+                0xe0 => self.extended = true,
+                0x1d => self.ctrl = true,
+                0x9d => self.ctrl = false,
+                0x38 => self.alt = true,
+                0xb8 => self.alt = false,
+                0x53 if extended && self.ctrl && self.alt => return true,
+                _ => {}
+            }
+        }
+        false
+    }
+}
+
 /// Stop the VM: i8042 reset line (Ledge, Firecracker), isa-debug-exit (QEMU), then halt
 /// this vCPU in ring 0 for good.
 pub fn stop() -> ! {
@@ -695,11 +729,16 @@ pub extern "C" fn probe_main(start_info: u64) -> ! {
         },
         Mode::Count => {
             let mut n = 0u64;
+            let mut keys = CtrlAltDel::default();
             loop {
                 puts("count: ");
                 put_dec(n);
                 puts("\n");
                 n += 1;
+                if keys.poll() {
+                    puts("probe: ctrl-alt-del\n");
+                    stop()
+                }
                 let start = rdtsc();
                 while rdtsc().wrapping_sub(start) < COUNT_DELAY {
                     core::hint::spin_loop();
