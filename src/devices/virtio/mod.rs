@@ -216,6 +216,36 @@ impl ActivateEvent {
     }
 }
 
+/// The event handling every single-queue device shares (rng, block): on activation, register
+/// the queue's eventfd; on a queue notification, clear it. Returns true when the queue should
+/// be served now — also right after activation, since buffers may already be waiting.
+pub fn single_queue_event(
+    device: &str,
+    events: &Events,
+    ops: &mut EventOps,
+    activate: &ActivateEvent,
+    queue_evt: Option<&std::sync::Arc<EventFd>>,
+) -> bool {
+    match events.data() {
+        TOKEN_ACTIVATE => {
+            if let Some(e) = queue_evt {
+                activate.on_activate(ops, std::slice::from_ref(e));
+            }
+            true
+        }
+        TOKEN_QUEUE0 => {
+            if let Some(e) = queue_evt {
+                let _ = e.read();
+            }
+            true
+        }
+        other => {
+            log::debug!("{device}: unexpected event token {other}");
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod test_utils {
     //! Shared set-up for device tests on virtio-queue's mock queue, with no KVM.

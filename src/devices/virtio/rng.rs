@@ -16,8 +16,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    ActivateError, ActivateEvent, ActiveQueues, Interrupt, VirtioDevice, TOKEN_ACTIVATE,
-    TOKEN_QUEUE0, TYPE_RNG, VIRTIO_F_VERSION_1,
+    single_queue_event, ActivateError, ActivateEvent, ActiveQueues, Interrupt, VirtioDevice,
+    TYPE_RNG, VIRTIO_F_VERSION_1,
 };
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -176,22 +176,9 @@ impl VirtioDevice for Rng {
 
 impl MutEventSubscriber for Rng {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match events.data() {
-            TOKEN_ACTIVATE => {
-                if let Some(a) = &self.active {
-                    self.activate_evt
-                        .on_activate(ops, std::slice::from_ref(&a.queue_evt));
-                }
-                // Buffers may have been queued before activation was seen.
-                self.process_queue();
-            }
-            TOKEN_QUEUE0 => {
-                if let Some(a) = &self.active {
-                    let _ = a.queue_evt.read();
-                }
-                self.process_queue();
-            }
-            other => log::debug!("virtio-rng: unexpected event token {other}"),
+        let queue_evt = self.active.as_ref().map(|a| &a.queue_evt);
+        if single_queue_event("virtio-rng", &events, ops, &self.activate_evt, queue_evt) {
+            self.process_queue();
         }
     }
 

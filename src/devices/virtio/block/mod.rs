@@ -43,8 +43,8 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMma
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    ActivateError, ActivateEvent, ActiveQueues, Interrupt, VirtioDevice, TOKEN_ACTIVATE,
-    TOKEN_QUEUE0, TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    single_queue_event, ActivateError, ActivateEvent, ActiveQueues, Interrupt, VirtioDevice,
+    TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::config::DiskConfig;
 
@@ -723,22 +723,9 @@ impl VirtioDevice for Block {
 
 impl MutEventSubscriber for Block {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match events.data() {
-            TOKEN_ACTIVATE => {
-                if let Some(a) = &self.active {
-                    self.activate_evt
-                        .on_activate(ops, std::slice::from_ref(&a.queue_evt));
-                }
-                // Buffers may have been queued before activation was seen.
-                self.process_queue();
-            }
-            TOKEN_QUEUE0 => {
-                if let Some(a) = &self.active {
-                    let _ = a.queue_evt.read();
-                }
-                self.process_queue();
-            }
-            other => log::debug!("virtio-blk: unexpected event token {other}"),
+        let queue_evt = self.active.as_ref().map(|a| &a.queue_evt);
+        if single_queue_event("virtio-blk", &events, ops, &self.activate_evt, queue_evt) {
+            self.process_queue();
         }
     }
 
