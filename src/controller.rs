@@ -347,6 +347,10 @@ impl Controller {
                 _ => self.balloon_stats_update(u),
             },
             R::Action(ActionType::InstanceStart) => {
+                // Paused -> Running is in the table too, but that is resume, not a boot.
+                if state != VmState::NotStarted {
+                    return Err(ApiError::wrong_state("InstanceStart", state));
+                }
                 state
                     .check_transition(VmState::Running)
                     .map_err(|_| ApiError::wrong_state("InstanceStart", state))?;

@@ -377,17 +377,20 @@ pub fn route(method: &str, path: &str, body: Option<&[u8]>) -> Result<Request, A
 
 /// Deserialises a body, naming the route and the problem (unknown field, wrong type, ...).
 fn json<T: DeserializeOwned>((body, method, path): (&[u8], &str, &str)) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        let what = if e.is_syntax() || e.is_eof() {
-            "is not valid JSON"
-        } else {
-            "does not match the API"
-        };
+    let refuse = |what: &str, e: &dyn std::fmt::Display| {
         ApiError::bad_request(format!(
             "the body of {method} {path} {what}: {e}; send a JSON object with the fields \
              listed in resources/api/ledge-api.json"
         ))
-    })
+    };
+    // Parse as plain JSON first, so a wrong-typed field is not mistaken for bad syntax, and
+    // only an object is accepted (serde would also take a struct as an array of its fields).
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| refuse("is not valid JSON", &e))?;
+    if !value.is_object() {
+        return Err(refuse("is not an object", &"got another JSON value"));
+    }
+    serde_json::from_value(value).map_err(|e| refuse("does not match the API", &e))
 }
 
 /// Path ids: Firecracker's rule (alphanumeric and '_'), and equal to the body's id.
