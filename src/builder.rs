@@ -125,10 +125,14 @@ pub fn build_with_console(
         legacy::COM1_LEN,
         BusDevice::Serial(serial.clone()),
     )?;
+    let i8042_irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    vm.register_irqfd(&i8042_irq, legacy::I8042_IRQ)
+        .map_err(kvm_call("registering the i8042 irqfd"))?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone(), i8042_irq)));
     pio.insert(
         legacy::I8042_PORT,
         legacy::I8042_LEN,
-        BusDevice::I8042(Arc::new(Mutex::new(I8042::new(exit.clone())))),
+        BusDevice::I8042(i8042.clone()),
     )?;
     let mut virtio = VirtioSlots::new();
     // The root disk first, so the guest sees it as /dev/vda; `i` is the position in the config.
@@ -233,6 +237,7 @@ pub fn build_with_console(
         vcpus,
         exit,
         serial,
+        i8042,
         subscribers: virtio.subscribers,
         devices: virtio.devices,
         balloon,

@@ -365,8 +365,9 @@ impl Controller {
                     return Err(ApiError::wrong_state("SendCtrlAltDel", state));
                 }
                 let vmm = self.running_vmm("SendCtrlAltDel")?;
+                // Refusals here are guest states (keys not read yet, keyboard disabled).
                 vmm.send_ctrl_alt_del()
-                    .map_err(|e| ApiError::internal(error_chain(&e)))?;
+                    .map_err(|e| ApiError::bad_request(error_chain(&e)))?;
                 Ok(Response::NoContent)
             }
             R::Action(ActionType::FlushMetrics) => {

@@ -19,7 +19,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
-use crate::devices::legacy::SerialDevice;
+use crate::devices::legacy::{I8042Error, SerialDevice, I8042};
 use crate::devices::virtio::balloon::Balloon;
 use crate::devices::virtio::mmio::SharedDevice;
 use crate::exit::{ExitSignal, VmExit};
@@ -82,8 +82,8 @@ pub enum VmmError {
     },
     #[error("cannot set up the VMM event loop")]
     EventLoop(#[source] event_manager::Error),
-    #[error("{0} is not available yet")]
-    Unsupported(&'static str),
+    #[error("cannot send Ctrl-Alt-Del")]
+    CtrlAltDel(#[source] I8042Error),
     #[error("cannot {0} the guest clock")]
     Clock(&'static str, #[source] kvm_ioctls::Error),
 }
@@ -97,6 +97,7 @@ pub struct Vmm {
     vcpus: Vec<VcpuHandle>,
     exit: Arc<ExitSignal>,
     serial: Arc<Mutex<SerialDevice>>,
+    i8042: Arc<Mutex<I8042>>,
     exit_counters: Arc<ExitCounters>,
     devices: Vec<(String, SharedDevice)>,
     balloon: Option<Arc<Mutex<Balloon>>>,
@@ -125,6 +126,8 @@ pub(crate) struct VmParts {
     pub vcpus: Vec<VcpuHandle>,
     pub exit: Arc<ExitSignal>,
     pub serial: Arc<Mutex<SerialDevice>>,
+    /// The keyboard controller, for `send_ctrl_alt_del`.
+    pub i8042: Arc<Mutex<I8042>>,
     /// Devices served by the event loop (virtio devices).
     pub subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     pub exit_counters: Arc<ExitCounters>,
@@ -156,6 +159,7 @@ impl Vmm {
             vcpus: parts.vcpus,
             exit: parts.exit,
             serial: parts.serial,
+            i8042: parts.i8042,
             exit_counters: parts.exit_counters,
             devices: parts.devices,
             balloon: parts.balloon,
@@ -182,7 +186,11 @@ impl Vmm {
 
     /// Presses Ctrl-Alt-Del on the guest's keyboard.
     pub fn send_ctrl_alt_del(&mut self) -> Result<(), VmmError> {
-        Err(VmmError::Unsupported("SendCtrlAltDel"))
+        self.i8042
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send_ctrl_alt_del()
+            .map_err(VmmError::CtrlAltDel)
     }
 
     /// One metrics record: uptime, vCPU exits by kind, each device's counters.

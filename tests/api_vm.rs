@@ -1814,16 +1814,6 @@ fn send_ctrl_alt_del_resets_the_probe_guest() {
         "/actions",
         Some(r#"{"action_type":"SendCtrlAltDel"}"#),
     );
-    if r.status != 204 && r.fault().contains("not available") {
-        println!(
-            "[{T}] NOTE: SendCtrlAltDel is not implemented yet ({} {}): skipped",
-            r.status,
-            r.fault()
-        );
-        let st = vm.terminate();
-        assert!(st.success());
-        return;
-    }
     assert_eq!(r.status, 204, "SendCtrlAltDel: {}", r.body);
     let st = vm
         .wait_exit(GUEST_LIMIT)

@@ -120,9 +120,10 @@ mod tests {
     use crate::exit::ExitSignal;
 
     fn i8042() -> BusDevice {
-        BusDevice::I8042(Arc::new(Mutex::new(I8042::new(Arc::new(
-            ExitSignal::new().unwrap(),
-        )))))
+        BusDevice::I8042(Arc::new(Mutex::new(I8042::new(
+            Arc::new(ExitSignal::new().unwrap()),
+            vmm_sys_util::eventfd::EventFd::new(0).unwrap(),
+        ))))
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Devices the guest reaches through port I/O or MMIO exits.
 //!
 //! `bus` maps guest addresses to devices; `legacy` holds the 8250 serial port and the i8042
-//! (whose only job is the reset line); `virtio` the virtio-mmio transport and devices. Devices are concrete types held in `BusDevice`, an enum,
+//! (keyboard controller: the reset line and Ctrl-Alt-Del); `virtio` the virtio-mmio transport and devices. Devices are concrete types held in `BusDevice`, an enum,
 //! so dispatch is a `match` and no trait-object plumbing is needed.
 
 pub mod bus;

@@ -49,6 +49,8 @@ pub const KVM_IDENTITY_MAP_START: u64 = 0xfffb_c000;
 
 /// COM1 interrupt line.
 pub const SERIAL_IRQ: u32 = 4;
+/// The i8042 keyboard (ISA IRQ 1).
+pub const I8042_IRQ: u32 = 1;
 /// First interrupt line handed to virtio devices.
 pub const FIRST_DEVICE_IRQ: u32 = 5;
 /// Last interrupt line handed to virtio devices (the IOAPIC has 24 pins).
