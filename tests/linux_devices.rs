@@ -1,0 +1,765 @@
+//! The virtio devices under real Linux drivers: block, net, vsock, rng and balloon, booted by
+//! `ledge run` inside ONE KVM-lab boot (tools/kvm-lab.sh; on a host with hardware KVM the lab
+//! script runs directly). tests/lab/devices.sh does the work in the L1 and prints what the guest
+//! saw ("G key=value" lines from its console) and what the host saw ("R case key=value"); every
+//! assertion is here, in Rust. Each case checks both sides:
+//!
+//! - blk: root filesystem on /dev/vda (a copy of rootfs.ext4, no initrd) plus a data disk and a
+//!   read-only disk, found by their serials (GET_ID). The guest reads the data disk back by
+//!   checksum, copies its first MiB into a file on the root filesystem, overwrites the data disk
+//!   with direct I/O, fails to write the read-only disk, runs `sync`; the host then SIGKILLs the
+//!   VMM and finds the file's exact bytes in the image with debugfs (after e2fsck replays the
+//!   journal), the data disk all zeros and the read-only disk unchanged.
+//! - net1/net2 (1 and 2 vCPUs): a TAP in the L1 at 172.16.0.1; the guest pings it and moves
+//!   64 MiB each way with busybox nc (checksums on both ends, TAP byte counters); the guest reads
+//!   1 MiB from /dev/hwrng (virtio-rng); vsock echoes 8 x 2 MiB concurrently host -> guest
+//!   (`CONNECT <port>`) and guest -> host (`<uds>_<port>`), FNV checksums compared both ends.
+//! - balloon: a 256 MiB guest fills 200 MiB; the host inflates the balloon by 128 MiB through
+//!   the API (`PATCH /balloon`) and the VMM's RSS falls; deflating and the guest touching its
+//!   memory again bring it back.
+//!
+//! The guest helper (resources/guest/tools/ledge-lab-tool.c: AF_VSOCK echo/bulk, HTTP over a
+//! Unix socket) is built here with `gcc -static`, cached by a hash of its source, and appended
+//! with the guest scripts as a second cpio archive to initramfs.cpio.gz. Throughput is printed,
+//! never asserted. LEDGE_DEVLAB_CASES (e.g. "blk balloon") runs a subset.
+
+mod common;
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const ALL_CASES: [&str; 4] = ["blk", "net1", "net2", "balloon"];
+const NET_MIB: u64 = 64;
+const VSOCK_CONN_BYTES: u64 = 2 * 1024 * 1024;
+const VSOCK_CONNS: usize = 8;
+const BALLOON_MIB: u64 = 128;
+const MIB: u64 = 1024 * 1024;
+
+fn guest_dir() -> PathBuf {
+    match std::env::var_os("LEDGE_GUEST_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/ledge/guest"),
+    }
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn skip_or_panic(why: String) -> bool {
+    if std::env::var("LEDGE_SKIP_LAB_TESTS").as_deref() == Ok("1") {
+        println!("SKIPPED: {why} and LEDGE_SKIP_LAB_TESTS=1");
+        return false;
+    }
+    panic!("{why} (or set LEDGE_SKIP_LAB_TESTS=1)");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Guest pieces: the static helper and the extra initramfs archive
+
+/// Builds resources/guest/tools/ledge-lab-tool.c with `gcc -static`, cached under the target
+/// directory by a hash of the source and the compiler's version.
+fn build_tool() -> Result<PathBuf, String> {
+    let src = root().join("resources/guest/tools/ledge-lab-tool.c");
+    let text = std::fs::read(&src).map_err(|e| format!("{}: {e}", src.display()))?;
+    let gcc = Command::new("gcc")
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("gcc is needed to build the guest helper: {e}"))?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    gcc.stdout.hash(&mut h);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("lab-tools")
+        .join(format!("{:016x}", h.finish()));
+    let out = dir.join("ledge-lab-tool");
+    if out.exists() {
+        return Ok(out);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let tmp = dir.join(format!("ledge-lab-tool.{}", std::process::id()));
+    let st = Command::new("gcc")
+        .args(["-static", "-O2", "-Wall", "-o"])
+        .arg(&tmp)
+        .arg(&src)
+        .status()
+        .map_err(|e| e.to_string())?;
+    if !st.success() {
+        return Err(format!(
+            "gcc -static {} failed (static glibc: libc6-dev)",
+            src.display()
+        ));
+    }
+    std::fs::rename(&tmp, &out).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// One newc cpio entry.
+fn cpio_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
+    let fields = [
+        ino,
+        mode,
+        0,
+        0,
+        1,
+        0,
+        data.len() as u32,
+        0,
+        0,
+        0,
+        0,
+        name.len() as u32 + 1,
+        0,
+    ];
+    out.extend_from_slice(b"070701");
+    for f in fields {
+        out.extend_from_slice(format!("{f:08X}").as_bytes());
+    }
+    out.extend_from_slice(name.as_bytes());
+    out.push(0);
+    while out.len() % 4 != 0 {
+        out.push(0);
+    }
+    out.extend_from_slice(data);
+    while out.len() % 4 != 0 {
+        out.push(0);
+    }
+}
+
+/// initramfs.cpio.gz followed by an uncompressed archive with the helper and the guest
+/// scripts (Linux unpacks concatenated archives; zero padding aligns the second one).
+fn build_initrd(g: &Path, tool: &Path, out: &Path) {
+    let mut buf = std::fs::read(g.join("initramfs.cpio.gz")).expect("initramfs.cpio.gz");
+    while buf.len() % 512 != 0 {
+        buf.push(0);
+    }
+    let mut a = Vec::new();
+    cpio_entry(&mut a, 900_001, "lab", 0o040755, &[]);
+    let t = std::fs::read(tool).expect("helper binary");
+    cpio_entry(&mut a, 900_002, "bin/ledge-lab-tool", 0o100755, &t);
+    for (i, s) in ["guest-netvsock.sh", "guest-balloon.sh"].iter().enumerate() {
+        let text = std::fs::read(root().join("tests/lab").join(s)).expect("guest script");
+        cpio_entry(
+            &mut a,
+            900_003 + i as u32,
+            &format!("lab/{s}"),
+            0o100755,
+            &text,
+        );
+    }
+    cpio_entry(&mut a, 0, "TRAILER!!!", 0, &[]);
+    buf.extend_from_slice(&a);
+    std::fs::write(out, buf).expect("write the initrd");
+}
+
+/// debugfs and e2fsck with the shared libraries they need, staged in `dir` (the binaries at
+/// its top, the libraries under lib/ by their sonames) for `kvm-lab.sh --copy dir`. The lab's
+/// --copy resolves symlinks to their targets (libext2fs.so.2.4), so sonames are made here; the
+/// lab script runs them with LD_LIBRARY_PATH=dir/lib.
+fn stage_e2fsprogs(dir: &Path) -> Result<(), String> {
+    let lib = dir.join("lib");
+    std::fs::create_dir_all(&lib).map_err(|e| e.to_string())?;
+    for tool in ["debugfs", "e2fsck"] {
+        let exe = ["/usr/sbin", "/sbin", "/usr/bin"]
+            .iter()
+            .map(|d| Path::new(d).join(tool))
+            .find(|p| p.exists())
+            .ok_or_else(|| format!("{tool} not found: install e2fsprogs"))?;
+        std::fs::copy(&exe, dir.join(tool)).map_err(|e| e.to_string())?;
+        let ldd = Command::new("ldd")
+            .arg(&exe)
+            .output()
+            .map_err(|e| format!("ldd {}: {e}", exe.display()))?;
+        // "libext2fs.so.2 => /lib/x86_64-linux-gnu/libext2fs.so.2 (0x...)"; the C library and
+        // the loader are already in the L1 (bash needs them).
+        for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+            let Some((name, rest)) = line.trim().split_once(" => ") else {
+                continue;
+            };
+            let Some(path) = rest
+                .split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/'))
+            else {
+                continue;
+            };
+            if name.starts_with("libc.so") {
+                continue;
+            }
+            std::fs::copy(path, lib.join(name)).map_err(|e| format!("{path}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The lab's output
+
+/// `key=value` tokens of a line; the first token without `=` is its label.
+fn kv(line: &str) -> (Option<&str>, HashMap<&str, &str>) {
+    let mut label = None;
+    let mut m = HashMap::new();
+    for t in line.split_whitespace() {
+        match t.split_once('=') {
+            Some((k, v)) => {
+                m.insert(k, v);
+            }
+            None if label.is_none() && m.is_empty() => label = Some(t),
+            None => {}
+        }
+    }
+    (label, m)
+}
+
+struct Case<'a> {
+    name: &'a str,
+    body: &'a str,
+    rc: Option<i32>,
+}
+
+impl<'a> Case<'a> {
+    fn find(out: &'a str, name: &'a str) -> Option<Self> {
+        let start = out.find(&format!("=== CASE {name}\n"))?;
+        let text = &out[start..];
+        let end_tag = format!("=== END {name} rc=");
+        let (body, rc) = match text.find(&end_tag) {
+            Some(i) => (
+                &text[..i],
+                text[i + end_tag.len()..]
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse().ok()),
+            ),
+            None => (text, None),
+        };
+        Some(Case { name, body, rc })
+    }
+
+    /// Lines the guest printed ("G ..."), without the tag.
+    fn g_lines(&self) -> impl Iterator<Item = &'a str> + 'a {
+        self.body
+            .lines()
+            .map(|l| l.trim_end_matches('\r'))
+            .filter_map(|l| l.strip_prefix("G "))
+    }
+
+    /// Lines the host printed for this case ("R <name> ..."), without the tags.
+    fn r_lines(&self) -> impl Iterator<Item = &'a str> + 'a {
+        let p = format!("R {} ", self.name);
+        self.body
+            .lines()
+            .filter_map(move |l| l.strip_prefix(p.as_str()))
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    /// The first guest line labelled `label`.
+    fn g(&self, label: &str) -> HashMap<&'a str, &'a str> {
+        self.g_lines()
+            .map(kv)
+            .find(|(l, _)| *l == Some(label))
+            .map(|(_, m)| m)
+            .unwrap_or_default()
+    }
+
+    /// Every unlabelled `key=value` of the guest (first wins).
+    fn g_all(&self) -> HashMap<&'a str, &'a str> {
+        let mut all = HashMap::new();
+        for (l, m) in self.g_lines().map(kv) {
+            if l.is_none() {
+                for (k, v) in m {
+                    all.entry(k).or_insert(v);
+                }
+            }
+        }
+        all
+    }
+
+    fn r(&self, label: &str) -> HashMap<&'a str, &'a str> {
+        self.r_lines()
+            .map(kv)
+            .find(|(l, _)| *l == Some(label))
+            .map(|(_, m)| m)
+            .unwrap_or_default()
+    }
+
+    fn r_all(&self) -> HashMap<&'a str, &'a str> {
+        let mut all = HashMap::new();
+        for (l, m) in self.r_lines().map(kv) {
+            if l.is_none() {
+                for (k, v) in m {
+                    all.insert(k, v);
+                }
+            }
+        }
+        all
+    }
+}
+
+fn num(m: &HashMap<&str, &str>, k: &str) -> Option<f64> {
+    m.get(k).and_then(|v| v.parse().ok())
+}
+
+/// MB/s (10^6 bytes) of a record with bytes, t0 and t1 (or `bytes` given).
+fn rate(m: &HashMap<&str, &str>, bytes: Option<u64>) -> Option<(f64, f64)> {
+    let b = bytes.map(|b| b as f64).or_else(|| num(m, "bytes"))?;
+    let secs = num(m, "t1")? - num(m, "t0")?;
+    (secs > 0.0).then(|| (b / secs / 1e6, secs))
+}
+
+fn fmt_rate(r: Option<(f64, f64)>) -> String {
+    match r {
+        Some((mbs, s)) if mbs < 1.0 => format!("{:.1} kB/s ({s:.2} s)", mbs * 1000.0),
+        Some((mbs, s)) => format!("{mbs:.1} MB/s ({s:.2} s)"),
+        None => "n/a".into(),
+    }
+}
+
+/// Collects failures so that one run reports every broken case.
+#[derive(Default)]
+struct Checks {
+    failed: Vec<String>,
+}
+
+impl Checks {
+    fn check(&mut self, case: &str, ok: bool, what: impl Into<String>) {
+        let what = what.into();
+        if ok {
+            println!("  ok   [{case}] {what}");
+        } else {
+            println!("  FAIL [{case}] {what}");
+            self.failed.push(format!("[{case}] {what}"));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The checks per case
+
+fn check_blk(c: &Case, k: &mut Checks) {
+    let n = c.name;
+    let r = c.r_all();
+    let g = c.g_all();
+    k.check(
+        n,
+        r.get("killed") == Some(&"1") && c.rc == Some(137),
+        format!(
+            "guest printed that sync returned, then the VMM was SIGKILLed (rc {:?})",
+            c.rc
+        ),
+    );
+    let disks: Vec<_> = c
+        .g_lines()
+        .map(kv)
+        .filter(|(_, m)| m.contains_key("disk"))
+        .map(|(_, m)| m)
+        .collect();
+    let disk = |serial: &str| disks.iter().find(|m| m.get("serial") == Some(&serial));
+    k.check(
+        n,
+        disks.len() == 3
+            && disk("ledge-root").and_then(|m| m.get("disk")) == Some(&"vda")
+            && disk("ledge-data").and_then(|m| m.get("sectors")) == Some(&"131072")
+            && disk("ledge-ro").and_then(|m| m.get("ro")) == Some(&"1")
+            && disk("ledge-data").and_then(|m| m.get("ro")) == Some(&"0"),
+        format!("three disks with their drive ids in /sys/block/vd*/serial, ro flag on the read-only one: {disks:?}"),
+    );
+    // The root filesystem's device number (stat %d, old encoding) is vda's major:minor.
+    let vda_dev = g.get("vda").and_then(|v| {
+        let (ma, mi) = v.split_once(':')?;
+        let (ma, mi): (u64, u64) = (ma.parse().ok()?, mi.parse().ok()?);
+        Some((mi & 0xff) | (ma << 8) | ((mi & !0xff) << 12))
+    });
+    k.check(
+        n,
+        vda_dev.is_some()
+            && num(&g, "rootdev").map(|d| d as u64) == vda_dev
+            && g.get("rootfs").is_some_and(|f| f.starts_with("ext4,rw")),
+        format!(
+            "root filesystem is /dev/vda, ext4, read-write (root dev {:?}, vda {:?}, {:?})",
+            g.get("rootdev"),
+            g.get("vda"),
+            g.get("rootfs")
+        ),
+    );
+    k.check(
+        n,
+        g.contains_key("data_sha") && g.get("data_sha") == r.get("data_sha"),
+        "data disk read back in the guest by checksum",
+    );
+    k.check(
+        n,
+        g.contains_key("payload_sha") && g.get("payload_sha") == r.get("payload_sha"),
+        "first MiB copied into /ledge-payload.bin on the root fs",
+    );
+    for rec in ["read_direct", "write_direct"] {
+        k.check(
+            n,
+            c.g(rec).get("rc") == Some(&"0"),
+            format!("guest dd {rec}"),
+        );
+    }
+    k.check(
+        n,
+        r.contains_key("data_sha_after") && r.get("data_sha_after") == r.get("zero64_sha"),
+        "the guest's direct-I/O overwrite of the data disk is in the host file (all zeros)",
+    );
+    let ro = c.g("ro_write");
+    k.check(
+        n,
+        ro.get("rc").is_some_and(|rc| *rc != "0"),
+        format!("write to the read-only disk refused in the guest: {ro:?}"),
+    );
+    k.check(
+        n,
+        g.contains_key("ro_sha")
+            && g.get("ro_sha") == r.get("ro_sha_before")
+            && r.get("ro_sha_after") == r.get("ro_sha_before"),
+        "read-only disk: guest reads the host's bytes, host file unchanged (sha256)",
+    );
+    k.check(
+        n,
+        matches!(r.get("e2fsck_rc"), Some(&"0") | Some(&"1")),
+        format!(
+            "e2fsck of the image after SIGKILL: rc {:?} ({:?})",
+            r.get("e2fsck_rc"),
+            r.get("e2fsck_summary")
+        ),
+    );
+    k.check(
+        n,
+        r.get("payload_match") == Some(&"1") && r.get("debugfs_sha") == r.get("payload_sha"),
+        format!(
+            "debugfs finds the file's exact bytes in the image ({:?} bytes)",
+            r.get("debugfs_bytes")
+        ),
+    );
+    println!(
+        "  info [{n}] debugfs on the image before journal replay: {} bytes, {}",
+        r.get("debugfs_raw_bytes").unwrap_or(&"?"),
+        if r.get("debugfs_raw_sha") == r.get("payload_sha") {
+            "exact bytes (already checkpointed)"
+        } else {
+            "not the payload (inode only in the journal)"
+        }
+    );
+}
+
+/// `key=value` maps of the lines that start with `tag`.
+fn tagged<'a>(lines: impl Iterator<Item = &'a str>, tag: &str) -> Vec<HashMap<&'a str, &'a str>> {
+    lines
+        .filter_map(|l| l.strip_prefix(tag))
+        .map(|l| kv(l).1)
+        .collect()
+}
+
+fn check_net(c: &Case, vcpus: u32, k: &mut Checks) {
+    let n = c.name;
+    let r = c.r_all();
+    let g = c.g_all();
+    k.check(
+        n,
+        c.rc == Some(0),
+        format!(
+            "`ledge run` exit status {:?} (0 = guest rebooted cleanly)",
+            c.rc
+        ),
+    );
+    if let Some(l) = c
+        .body
+        .lines()
+        .find(|l| l.contains("triple fault") || l.contains("ledge: error"))
+    {
+        println!("  !!!  [{n}] {l}");
+    }
+    k.check(
+        n,
+        num(&g, "nproc") == Some(f64::from(vcpus)),
+        format!("guest nproc {:?}", g.get("nproc")),
+    );
+    k.check(
+        n,
+        c.g("ping").get("rc") == Some(&"0"),
+        "guest pings the host's TAP address",
+    );
+    let bytes = (NET_MIB * MIB).to_string();
+    k.check(
+        n,
+        c.g("up").get("rc") == Some(&"0")
+            && g.contains_key("up_sha")
+            && g.get("up_sha") == r.get("up_recv_sha")
+            && r.get("up_recv_bytes") == Some(&bytes.as_str()),
+        format!(
+            "{NET_MIB} MiB guest -> host over TCP, sha256 equal (host got {:?} bytes)",
+            r.get("up_recv_bytes")
+        ),
+    );
+    let down = c.g("down");
+    k.check(
+        n,
+        down.get("rc") == Some(&"0")
+            && down.get("bytes") == Some(&bytes.as_str())
+            && g.contains_key("down_sha")
+            && g.get("down_sha") == r.get("down_sha"),
+        format!(
+            "{NET_MIB} MiB host -> guest over TCP, sha256 equal (guest got {:?} bytes)",
+            down.get("bytes")
+        ),
+    );
+    let min = (NET_MIB * MIB) as f64;
+    k.check(
+        n,
+        num(&r, "tap_rx").is_some_and(|v| v >= min) && num(&r, "tap_tx").is_some_and(|v| v >= min),
+        format!(
+            "the host's TAP counted the traffic: rx {:?} tx {:?} bytes",
+            r.get("tap_rx"),
+            r.get("tap_tx")
+        ),
+    );
+    // rng
+    let rng = c.g("rng");
+    k.check(
+        n,
+        g.get("rng_current")
+            .is_some_and(|v| v.starts_with("virtio")),
+        format!(
+            "/dev/hwrng is served by virtio-rng: rng_current={:?}",
+            g.get("rng_current")
+        ),
+    );
+    k.check(
+        n,
+        rng.get("rc") == Some(&"0")
+            && rng.get("bytes") == Some(&"1048576")
+            && num(&rng, "gz").is_some_and(|z| z >= 1_048_576.0),
+        format!(
+            "1 MiB read from /dev/hwrng, incompressible (gzip {:?} bytes)",
+            rng.get("gz")
+        ),
+    );
+    // vsock, both directions
+    let bulk_ok = |lines: Vec<HashMap<&str, &str>>| {
+        let want = VSOCK_CONN_BYTES.to_string();
+        lines.len() == VSOCK_CONNS
+            && lines.iter().all(|m| {
+                m.get("sent") == Some(&want.as_str())
+                    && m.get("recv") == Some(&want.as_str())
+                    && m.contains_key("sent_fnv")
+                    && m.get("sent_fnv") == m.get("recv_fnv")
+            })
+    };
+    let h2g = tagged(c.r_lines(), "h2g BULK ");
+    let h2g_echo = tagged(c.g_lines(), "h2g ECHO ");
+    let want = VSOCK_CONN_BYTES.to_string();
+    k.check(
+        n,
+        bulk_ok(h2g.clone())
+            && c.r("vsock_h2g").get("fails") == Some(&"0")
+            && h2g_echo.len() == VSOCK_CONNS
+            && h2g_echo
+                .iter()
+                .all(|m| m.get("bytes") == Some(&want.as_str())),
+        format!(
+            "vsock host -> guest (CONNECT): {VSOCK_CONNS} concurrent echoes of 2 MiB, checksums equal ({} host reports, {} guest echo reports)",
+            h2g.len(),
+            h2g_echo.len()
+        ),
+    );
+    let g2h = tagged(c.g_lines(), "g2h BULK ");
+    let g2h_echo = tagged(c.r_lines(), "host-echo ECHO ");
+    k.check(
+        n,
+        bulk_ok(g2h.clone())
+            && c.g("vsock-g2h").get("fails") == Some(&"0")
+            && g2h_echo.len() == VSOCK_CONNS
+            && g2h_echo
+                .iter()
+                .all(|m| m.get("bytes") == Some(&want.as_str())),
+        format!(
+            "vsock guest -> host (<uds>_<port>): {VSOCK_CONNS} concurrent echoes of 2 MiB, checksums equal ({} guest reports, {} host echo reports)",
+            g2h.len(),
+            g2h_echo.len()
+        ),
+    );
+}
+
+fn check_balloon(c: &Case, k: &mut Checks) {
+    let n = c.name;
+    let r = c.r_all();
+    let kb = |key: &str| num(&r, key);
+    let before = kb("rss_before_kb");
+    let inflated = kb("rss_inflated_kb");
+    let deflated = kb("rss_deflated_kb");
+    let touched = kb("rss_touched_kb");
+    println!(
+        "  info [{n}] VMM RSS (kB): before {before:?}, inflated {inflated:?}, deflated {deflated:?}, guest touched again {touched:?}; ledge exit {:?}",
+        c.rc
+    );
+    let want = 0.6 * (BALLOON_MIB * 1024) as f64;
+    k.check(
+        n,
+        r.get("inflated") == Some(&"1"),
+        format!(
+            "PATCH /balloon 128 MiB: device reports actual_mib 128 ({:?}; {:?})",
+            r.get("patch_inflate"),
+            r.get("stats_inflated")
+        ),
+    );
+    k.check(
+        n,
+        c.g("inflated").contains_key("memtotal"),
+        format!("guest MemTotal fell: {:?}", c.g("inflated")),
+    );
+    k.check(
+        n,
+        matches!((before, inflated), (Some(b), Some(i)) if b - i >= want),
+        format!(
+            "VMM RSS fell by >= 60% of {BALLOON_MIB} MiB on inflate ({:?} kB)",
+            before.zip(inflated).map(|(b, i)| b - i)
+        ),
+    );
+    k.check(
+        n,
+        r.get("deflated") == Some(&"1") && c.g("deflated").contains_key("memtotal"),
+        format!(
+            "PATCH /balloon 0: device reports actual_mib 0, guest MemTotal back ({:?})",
+            c.g("deflated")
+        ),
+    );
+    k.check(
+        n,
+        matches!((inflated, touched), (Some(i), Some(t)) if t - i >= want),
+        format!(
+            "VMM RSS rose by >= 60% of {BALLOON_MIB} MiB after deflate + guest touching memory ({:?} kB)",
+            inflated.zip(touched).map(|(i, t)| t - i)
+        ),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn virtio_devices_under_linux_in_the_kvm_lab() {
+    if !common::require_kvm("virtio_devices_under_linux_in_the_kvm_lab") {
+        return;
+    }
+    let g = guest_dir();
+    let needed = ["bzImage", "initramfs.cpio.gz", "rootfs.ext4"];
+    if needed.iter().any(|f| !g.join(f).exists()) {
+        skip_or_panic(format!(
+            "guest artifacts missing in {}: run tools/build-guest.sh",
+            g.display()
+        ));
+        return;
+    }
+    let tool = match build_tool() {
+        Ok(t) => t,
+        Err(e) => {
+            skip_or_panic(e);
+            return;
+        }
+    };
+    let cases: Vec<String> = match std::env::var("LEDGE_DEVLAB_CASES") {
+        Ok(s) if !s.trim().is_empty() => s.split_whitespace().map(String::from).collect(),
+        _ => ALL_CASES.iter().map(|s| s.to_string()).collect(),
+    };
+
+    let dir = common::scratch("devices");
+    let initrd = dir.join("initramfs-devices.cpio.gz");
+    build_initrd(&g, &tool, &initrd);
+    let e2fs = dir.join("e2fsprogs");
+    if let Err(e) = stage_e2fsprogs(&e2fs) {
+        skip_or_panic(e);
+        return;
+    }
+
+    let mut cmd = Command::new("bash");
+    cmd.arg(root().join("tools/kvm-lab.sh"));
+    for p in [&tool, &initrd, &e2fs] {
+        cmd.arg("--copy").arg(p);
+    }
+    cmd.arg("--script")
+        .arg(root().join("tests/lab/devices.sh"))
+        .env("LEDGE_BIN", common::ledge_bin())
+        .env("LEDGE_GUEST_DIR", &g)
+        .env("LEDGE_DEVLAB_TOOL", &tool)
+        .env("LEDGE_DEVLAB_INITRD", &initrd)
+        .env("LEDGE_DEVLAB_E2FS", &e2fs)
+        .env("LEDGE_DEVLAB_CASES", cases.join(" "))
+        .env("LEDGE_DEVLAB_NET_MIB", NET_MIB.to_string());
+    if std::env::var_os("LEDGE_LAB_TIMEOUT").is_none() {
+        cmd.env("LEDGE_LAB_TIMEOUT", "2700");
+    }
+    let t0 = Instant::now();
+    let out = common::run(&mut cmd, Duration::from_secs(3000));
+    println!("{}\n--- stderr\n{}", out.stdout, out.stderr);
+    println!("lab run: {:.0} s", t0.elapsed().as_secs_f64());
+    assert_eq!(out.code, Some(0), "the lab run failed");
+    let text = out.stdout.replace('\r', "");
+    assert!(
+        text.lines().any(|l| l == "R lab done=1"),
+        "the lab script did not finish"
+    );
+
+    let mut k = Checks::default();
+    let mut numbers = Vec::new();
+    for name in &cases {
+        let Some(c) = Case::find(&text, name) else {
+            k.check(name, false, "case did not run");
+            continue;
+        };
+        println!("case {name}:");
+        match name.as_str() {
+            "blk" => {
+                check_blk(&c, &mut k);
+                let r = c.r_all();
+                numbers.push(format!(
+                    "blk: guest read (O_DIRECT) {}, guest write (O_DIRECT, fsync) {}, guest read (page cache) {}; L1 host dd on the same file: read {}, write (fsync) {}; case {:.0} s",
+                    fmt_rate(rate(&c.g("read_direct"), None)),
+                    fmt_rate(rate(&c.g("write_direct"), None)),
+                    fmt_rate(rate(&c.g("read_cached"), None)),
+                    fmt_rate(rate(&c.r("host_read"), None)),
+                    fmt_rate(rate(&c.r("host_write"), None)),
+                    num(&r, "case_secs_t1").unwrap_or(0.0) - num(&r, "case_secs_t0").unwrap_or(0.0),
+                ));
+            }
+            "net1" | "net2" => {
+                let vcpus = if name == "net1" { 1 } else { 2 };
+                check_net(&c, vcpus, &mut k);
+                let total = (VSOCK_CONNS as u64) * VSOCK_CONN_BYTES;
+                numbers.push(format!(
+                    "{name} ({vcpus} vCPU): TCP guest->host {}, host->guest {}; vsock echo 8x2 MiB host->guest {}, guest->host {} (each byte crosses twice); rng 1 MiB {}",
+                    fmt_rate(rate(&c.g("up"), Some(NET_MIB * MIB))),
+                    fmt_rate(rate(&c.g("down"), Some(NET_MIB * MIB))),
+                    fmt_rate(rate(&c.r("vsock_h2g"), Some(total))),
+                    fmt_rate(rate(&c.g("vsock-g2h"), Some(total))),
+                    fmt_rate(rate(&c.g("rng"), None)),
+                ));
+            }
+            "balloon" => {
+                check_balloon(&c, &mut k);
+                let r = c.r_all();
+                let d = |a: &str, b: &str| num(&r, b).zip(num(&r, a)).map(|(b, a)| b - a);
+                numbers.push(format!(
+                    "balloon: inflate 128 MiB took {} s, deflate {} s (API PATCH until GET /balloon/statistics shows actual_mib)",
+                    d("inflate_t0", "inflate_t1").map_or("?".into(), |v| format!("{v:.1}")),
+                    d("deflate_t0", "deflate_t1").map_or("?".into(), |v| format!("{v:.1}"))
+                ));
+            }
+            other => k.check(other, false, "unknown case"),
+        }
+    }
+    println!("\n--- numbers (printed, not asserted)");
+    for l in &numbers {
+        println!("{l}");
+    }
+    assert!(
+        k.failed.is_empty(),
+        "{} check(s) failed:\n{}",
+        k.failed.len(),
+        k.failed.join("\n")
+    );
+}
