@@ -22,21 +22,6 @@ use std::time::{Duration, Instant};
 /// under TCG, so this is generous; on hardware KVM it takes well under a second).
 const CAD_LIMIT_S: u64 = 30;
 
-fn guest_dir() -> PathBuf {
-    match std::env::var_os("LEDGE_GUEST_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/ledge/guest"),
-    }
-}
-
-fn api_sock_supported() -> bool {
-    let out = Command::new(common::ledge_bin())
-        .arg("--help")
-        .output()
-        .expect("run ledge --help");
-    String::from_utf8_lossy(&out.stdout).contains("--api-sock")
-}
-
 /// One HTTP/1.1 request over a Unix socket; returns the status code and the body.
 fn http(sock: &str, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -157,25 +142,9 @@ fn linux_guest_shuts_down_on_send_ctrl_alt_del() {
     if !common::require_kvm("linux_guest_shuts_down_on_send_ctrl_alt_del") {
         return;
     }
-    if !api_sock_supported() {
-        println!("SKIPPED: this ledge has no --api-sock");
+    let Some(g) = common::require_guest_artifacts(&["vmlinux", "initramfs.cpio.gz"]) else {
         return;
-    }
-    let g = guest_dir();
-    let needed = ["vmlinux", "initramfs.cpio.gz"];
-    if needed.iter().any(|f| !g.join(f).exists()) {
-        if std::env::var("LEDGE_SKIP_LAB_TESTS").as_deref() == Ok("1") {
-            println!(
-                "SKIPPED: guest artifacts missing in {} and LEDGE_SKIP_LAB_TESTS=1",
-                g.display()
-            );
-            return;
-        }
-        panic!(
-            "guest artifacts missing in {}: run tools/build-guest.sh (or set LEDGE_SKIP_LAB_TESTS=1)",
-            g.display()
-        );
-    }
+    };
 
     let client = std::env::current_exe().expect("test binary path");
     let client = client.to_str().expect("UTF-8 test binary path");

@@ -38,13 +38,6 @@ const VSOCK_CONNS: usize = 8;
 const BALLOON_MIB: u64 = 128;
 const MIB: u64 = 1024 * 1024;
 
-fn guest_dir() -> PathBuf {
-    match std::env::var_os("LEDGE_GUEST_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/ledge/guest"),
-    }
-}
-
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -646,7 +639,7 @@ fn virtio_devices_under_linux_in_the_kvm_lab() {
     if !common::require_kvm("virtio_devices_under_linux_in_the_kvm_lab") {
         return;
     }
-    let g = guest_dir();
+    let g = common::guest_dir();
     let needed = ["bzImage", "initramfs.cpio.gz", "rootfs.ext4"];
     if needed.iter().any(|f| !g.join(f).exists()) {
         skip_or_panic(format!(

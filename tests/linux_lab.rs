@@ -38,33 +38,15 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-fn guest_dir() -> PathBuf {
-    match std::env::var_os("LEDGE_GUEST_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/ledge/guest"),
-    }
-}
-
 #[test]
 fn linux_guests_boot_in_the_kvm_lab() {
     if !common::require_kvm("linux_guests_boot_in_the_kvm_lab") {
         return;
     }
-    let g = guest_dir();
-    let needed = ["vmlinux", "bzImage", "initramfs.cpio.gz"];
-    if needed.iter().any(|f| !g.join(f).exists()) {
-        if std::env::var("LEDGE_SKIP_LAB_TESTS").as_deref() == Ok("1") {
-            println!(
-                "SKIPPED: guest artifacts missing in {} and LEDGE_SKIP_LAB_TESTS=1",
-                g.display()
-            );
-            return;
-        }
-        panic!(
-            "guest artifacts missing in {}: run tools/build-guest.sh (or set LEDGE_SKIP_LAB_TESTS=1)",
-            g.display()
-        );
-    }
+    let Some(g) = common::require_guest_artifacts(&["vmlinux", "bzImage", "initramfs.cpio.gz"])
+    else {
+        return;
+    };
 
     let mut script = String::from("G=\"$LEDGE_GUEST_DIR\"\n");
     for c in cases() {

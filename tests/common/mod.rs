@@ -115,3 +115,31 @@ pub fn scratch(name: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// Where tools/build-guest.sh put the Linux guest: $LEDGE_GUEST_DIR or ~/.cache/ledge/guest.
+pub fn guest_dir() -> PathBuf {
+    match std::env::var_os("LEDGE_GUEST_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/ledge/guest"),
+    }
+}
+
+/// The guest directory when every file in `needed` is there. Missing artifacts fail the test,
+/// unless LEDGE_SKIP_LAB_TESTS=1, in which case the skip is printed and None returned.
+pub fn require_guest_artifacts(needed: &[&str]) -> Option<PathBuf> {
+    let g = guest_dir();
+    if needed.iter().all(|f| g.join(f).exists()) {
+        return Some(g);
+    }
+    if std::env::var("LEDGE_SKIP_LAB_TESTS").as_deref() == Ok("1") {
+        println!(
+            "SKIPPED: guest artifacts missing in {} and LEDGE_SKIP_LAB_TESTS=1",
+            g.display()
+        );
+        return None;
+    }
+    panic!(
+        "guest artifacts missing in {}: run tools/build-guest.sh (or set LEDGE_SKIP_LAB_TESTS=1)",
+        g.display()
+    );
+}
