@@ -423,12 +423,15 @@ if [[ "${LEDGE_LAB_VERBOSE:-0}" != 1 ]]; then
 fi
 log "booting the L1 (TCG, -cpu ${CPU}, ${MEM} MiB, ${SMP} vCPUs, timeout ${TIMEOUT} s; prepared in $((SECONDS - T0)) s)"
 
+# The console log must exist before tail starts: the redirect below runs in the forked
+# background job, and a tail that gets there first finds no file and streams nothing.
+: >"${RUN_DIR}/console.log"
 # timeout(1) forwards our TERM to QEMU and kills it when the time is up.
 timeout -k 10 "${TIMEOUT}" qemu-system-x86_64 \
     -accel tcg,thread=multi -cpu "${CPU}" -m "${MEM}" -smp "${SMP}" \
     -nodefaults -no-user-config -display none -serial stdio -no-reboot \
     -kernel "${L1_KERNEL}" -initrd "${RUN_DIR}/initrd.cpio" \
-    -append "${KERNEL_ARGS}" </dev/null >"${RUN_DIR}/console.log" 2>&1 &
+    -append "${KERNEL_ARGS}" </dev/null >>"${RUN_DIR}/console.log" 2>&1 &
 QEMU_PID=$!
 
 # Stream the console: drop carriage returns and the firmware's escape codes.
