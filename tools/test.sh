@@ -34,7 +34,7 @@ cargo clippy --all-targets --quiet -- -D warnings
 
 log "tests (unit, device, probe guest on $kind, Linux guests in the KVM lab)"
 set +e
-cargo test --all-targets -- --nocapture 2>&1 | tee target/test-output.log
+cargo test --all-targets --no-fail-fast -- --nocapture 2>&1 | tee target/test-output.log
 status=${PIPESTATUS[0]}
 set -e
 if [ "$status" -eq 0 ]; then
