@@ -13,14 +13,20 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //! The library never exits the process, never touches the terminal, and reports every failure
-//! as a typed error.
+//! as a typed error. `controller::VmmHandle` runs a VM on its own thread and takes the same
+//! requests as the HTTP API (see examples/agent.rs).
 //!
 //! ## Threads
-//! - the caller's thread runs the VMM event loop (`Vmm::run` / `Vmm::poll`): the stop event and
-//!   console input;
+//! - the VMM thread runs the event loop (`Vmm::run` / `Vmm::poll`): the stop event, console
+//!   input, API requests and every virtio device's queues and backends. It is the caller's
+//!   thread with `Vmm::run`, or a thread named `vmm` under `controller::VmmHandle`;
 //! - one thread per vCPU, named `vcpuN`, started paused and driven by `VcpuCommand`s
 //!   (`kvm::vcpu`); guest port and MMIO accesses are dispatched on these threads through
-//!   `devices::Bus`.
+//!   `devices::Bus`;
+//! - with a control socket, the `api` thread: HTTP in, `api::Request` to the VMM thread, HTTP out.
+//!
+//! The one process-wide signal handler the library installs is for `SIGRTMIN`, which kicks a
+//! vCPU thread out of `KVM_RUN`.
 //!
 //! ## Code map
 //! - `api`: the control API, Firecracker-compatible HTTP over a Unix socket (API thread);
@@ -33,7 +39,7 @@
 //! - `kvm`: /dev/kvm, guest memory slots, vCPU threads and exit dispatch;
 //! - `arch::x86_64`: the guest physical layout, CPUID, MSRs, registers, MP table;
 //! - `boot`: kernel (vmlinux, bzImage, PVH ELF) and initrd loading, boot parameters;
-//! - `devices`: the buses and the legacy devices (COM1, i8042);
+//! - `devices`: the buses, the legacy devices (COM1, i8042) and the virtio devices;
 //! - `logger`: the opt-in logger the binary installs (stderr or a file, level at run time);
 //! - `probe`: the embedded probe guest.
 //!
