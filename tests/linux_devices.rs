@@ -684,7 +684,7 @@ fn virtio_devices_under_linux_in_the_kvm_lab() {
         .env("LEDGE_DEVLAB_CASES", cases.join(" "))
         .env("LEDGE_DEVLAB_NET_MIB", NET_MIB.to_string());
     if std::env::var_os("LEDGE_LAB_TIMEOUT").is_none() {
-        cmd.env("LEDGE_LAB_TIMEOUT", "2700");
+        cmd.env("LEDGE_LAB_TIMEOUT", "1500");
     }
     let t0 = Instant::now();
     let out = common::run(&mut cmd, Duration::from_secs(3000));

@@ -89,7 +89,9 @@ if has blk; then
     GC+=' dd if=/dev/zero of=$R bs=4k count=1 conv=fsync 2>/tmp/ro.err; echo G ro_write rc=$? err=$(tr \  _ </tmp/ro.err | head -n 1);'
     GC+=' echo G ro_sha=$(sha256sum <$R | cut -d\  -f1);'
     GC+=' sync; echo G sync-returned; sleep 600'
-    ledge run --log-level info --kernel "$G/bzImage" --mem-mib 256 \
+    B="$W/blk.sock"
+    rm -f "$B"
+    ledge run --log-level info --kernel "$G/bzImage" --mem-mib 256 --api-sock "$B" \
         --disk path="$W/root.img",root,id=ledge-root \
         --disk path="$W/data.img",id=ledge-data \
         --disk path="$W/ro.img",ro,id=ledge-ro \
@@ -97,6 +99,10 @@ if has blk; then
     lp=$!
     follow blk.log
     if waitfor blk.log '^G sync-returned' 600 $lp; then
+        # Pause first, so no vCPU thread is inside KVM_RUN when the SIGKILL lands: killing one
+        # there sometimes soft-locks the lab's nested kvm_amd (under TCG) for good. A pause
+        # flushes nothing: the VMM still gets no chance to write anything on its way out.
+        r blk pause="$("$T" http "$B" PATCH /vm '{"state":"Paused"}' | tr ' ' _)"
         kill -KILL $lp
         r blk killed=1
     else
