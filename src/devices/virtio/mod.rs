@@ -135,6 +135,28 @@ pub struct ActiveQueues {
     pub interrupt: std::sync::Arc<Interrupt>,
 }
 
+/// What a single-queue device keeps from `ActiveQueues`.
+pub type SingleQueue = (
+    GuestMemoryMmap,
+    Queue,
+    std::sync::Arc<EventFd>,
+    std::sync::Arc<Interrupt>,
+);
+
+impl ActiveQueues {
+    /// Splits out the first queue of a single-queue device (rng, block); none is an error.
+    pub fn into_single(self) -> Result<SingleQueue, ActivateError> {
+        let got = self.queues.len();
+        match (
+            self.queues.into_iter().next(),
+            self.queue_evts.into_iter().next(),
+        ) {
+            (Some(queue), Some(evt)) => Ok((self.mem, queue, evt, self.interrupt)),
+            _ => Err(ActivateError::QueueCount { want: 1, got }),
+        }
+    }
+}
+
 /// The device side of virtio: what the transport needs to know and do.
 pub trait VirtioDevice: Send {
     /// The virtio device type (`TYPE_*`).

@@ -149,17 +149,12 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, q: ActiveQueues) -> Result<(), ActivateError> {
-        let got = q.queues.len();
-        let (Some(queue), Some(queue_evt)) =
-            (q.queues.into_iter().next(), q.queue_evts.into_iter().next())
-        else {
-            return Err(ActivateError::QueueCount { want: 1, got });
-        };
+        let (mem, queue, queue_evt, interrupt) = q.into_single()?;
         self.active = Some(Active {
-            mem: q.mem,
+            mem,
             queue,
             queue_evt,
-            interrupt: q.interrupt,
+            interrupt,
         });
         self.activate_evt.signal()
     }
