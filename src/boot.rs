@@ -965,8 +965,8 @@ impl ReadVolatile for VolatileReader<'_> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::kvm::memory::GuestMemoryMmap;
     use std::io::Cursor;
-    use vm_memory::GuestMemoryMmap;
 
     const MIB: u64 = 1 << 20;
     /// Where the synthetic ELF's segment is loaded, and its 64-bit entry.
@@ -1062,7 +1062,7 @@ pub(crate) mod tests {
     }
 
     fn mem(mib: u64) -> GuestMemoryMmap {
-        GuestMemoryMmap::<()>::from_ranges(&layout::ram_regions(mib * MIB).unwrap()).unwrap()
+        GuestMemoryMmap::from_ranges(&layout::ram_regions(mib * MIB).unwrap()).unwrap()
     }
 
     fn load_bytes(
@@ -1212,7 +1212,7 @@ pub(crate) mod tests {
             .to_string()
             .starts_with("memory too small for the kernel"));
         // Guest memory smaller than 1 MiB: no room for the boot structures.
-        let tiny = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x8_0000)]).unwrap();
+        let tiny = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x8_0000)]).unwrap();
         assert!(matches!(
             load_bytes(&tiny, &elf, None, "", BootProtocol::Auto),
             Err(BootError::MemoryTooSmall { .. })

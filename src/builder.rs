@@ -10,10 +10,10 @@ use std::fs::OpenOptions;
 use std::io::Cursor;
 use std::sync::{Arc, Mutex};
 
+use crate::kvm::memory::GuestMemoryMmap;
 use event_manager::MutEventSubscriber;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{IoEventAddress, VmFd};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::{self as arch, layout};

@@ -6,9 +6,15 @@
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch::x86_64::layout;
+
+/// Guest memory as all of Ledge sees it: every write the VMM makes through vm-memory (device
+/// DMA, used rings) sets a bit in a per-region dirty bitmap, which diff snapshots read together
+/// with KVM's dirty log of what the guest itself wrote.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 
 /// Errors creating or registering guest memory.
 #[derive(Debug, thiserror::Error)]

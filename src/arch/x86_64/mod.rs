@@ -163,10 +163,11 @@ mod tests {
     use super::*;
     use crate::boot::tests::{test_elf, TEST_ELF_ENTRY, TEST_PVH_ENTRY};
     use crate::boot::{load_from, BootProtocol, EntryMode, ReadSeek};
+    use crate::kvm::memory::GuestMemoryMmap;
     use kvm_bindings::{kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES};
     use kvm_ioctls::VcpuExit;
     use std::io::Cursor;
-    use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
     #[test]
     fn vcpu_id_checks() {
@@ -191,8 +192,7 @@ mod tests {
     fn boot_and_probe(kvm: &Kvm, protocol: BootProtocol, num_vcpus: u8) -> (EntryMode, u8) {
         let vm = kvm.create_vm().unwrap();
         configure_vm(&vm).unwrap();
-        let mem =
-            GuestMemoryMmap::<()>::from_ranges(&layout::ram_regions(64 << 20).unwrap()).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&layout::ram_regions(64 << 20).unwrap()).unwrap();
         for (slot, region) in mem.iter().enumerate() {
             let host = mem.get_host_address(region.start_addr()).unwrap();
             let desc = kvm_userspace_memory_region {

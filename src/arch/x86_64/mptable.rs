@@ -184,7 +184,7 @@ pub fn write_mptable<M: GuestMemoryBackend>(mem: &M, num_vcpus: u8) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestMemoryMmap;
+    use crate::kvm::memory::GuestMemoryMmap;
 
     fn sum(bytes: &[u8]) -> u8 {
         bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b))
@@ -199,7 +199,7 @@ mod tests {
     }
 
     fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap()
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap()
     }
 
     #[test]
@@ -290,7 +290,7 @@ mod tests {
     #[test]
     fn memory_without_ebda_is_an_error() {
         // Guest memory that ends before the EBDA.
-        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
         assert!(matches!(write_mptable(&m, 1), Err(MptableError::Write(_))));
     }
 }

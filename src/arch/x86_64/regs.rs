@@ -323,7 +323,7 @@ pub fn lapic_lints(vcpu: &VcpuFd) -> Result<(u32, u32), RegsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestMemoryMmap;
+    use crate::kvm::memory::GuestMemoryMmap;
 
     #[test]
     fn gdt_entries_decode() {
@@ -351,7 +351,7 @@ mod tests {
 
     #[test]
     fn boot_tables_in_memory() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         write_boot_tables(&mem, EntryMode::Linux64).unwrap();
         let gdt_mem: [u64; 4] = mem.read_obj(GuestAddress(BOOT_GDT_START)).unwrap();
         assert_eq!(gdt_mem, gdt(EntryMode::Linux64));
@@ -376,7 +376,7 @@ mod tests {
 
     #[test]
     fn boot_tables_need_memory() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
         let err = write_boot_tables(&mem, EntryMode::Linux64).unwrap_err();
         assert_eq!(
             err.to_string(),

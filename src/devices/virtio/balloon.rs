@@ -29,11 +29,11 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::kvm::memory::GuestMemoryMmap;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, Le16, Le32, Le64,
-    VolatileSlice,
+    GuestAddress, GuestMemoryBackend, GuestMemoryError, Le16, Le32, Le64, VolatileSlice,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -514,7 +514,7 @@ fn discard_pages(mem: &GuestMemoryMmap, first_pfn: u64, count: u64, c: &mut Ball
 }
 
 /// Drops the host pages behind `slice`; the memory reads as zero on its next touch.
-fn discard(slice: &VolatileSlice<'_>) -> io::Result<()> {
+fn discard<B: vm_memory::bitmap::BitmapSlice>(slice: &VolatileSlice<'_, B>) -> io::Result<()> {
     let guard = slice.ptr_guard_mut();
     // SAFETY: `slice` comes from vm-memory's `get_slices`, which bounds-checks it against one
     // region of guest memory, so [ptr, ptr + len) lies inside a live private anonymous mapping

@@ -25,9 +25,9 @@ pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crate::kvm::memory::GuestMemoryMmap;
 use event_manager::{EventOps, Events};
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -274,9 +274,10 @@ pub(crate) mod test_utils {
 
     use std::sync::Arc;
 
+    use crate::kvm::memory::GuestMemoryMmap;
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueT};
-    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::EventFd;
 
     use super::{ActiveQueues, Interrupt};

@@ -28,10 +28,11 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::kvm::memory::GuestMemoryMmap;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::VsockPacket;
-use vm_memory::{GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{GuestMemory, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
 use self::packet::{EVENT_TRANSPORT_RESET, MAX_PKT_DATA};
