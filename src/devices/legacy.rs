@@ -15,10 +15,11 @@ use std::io::{self, Write};
 use std::sync::Arc;
 
 use vm_superio::serial::NoEvents;
-use vm_superio::{Serial, Trigger};
+use vm_superio::{Serial, SerialState, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use crate::arch::x86_64::layout::I8042_IRQ;
+use crate::devices::state::{I8042Snapshot, KeyboardSnapshot, SerialSnapshot, StateError};
 use crate::exit::{ExitSignal, VmExit};
 
 /// COM1's I/O ports.
@@ -79,6 +80,73 @@ impl SerialDevice {
                 log::warn!("serial: {e}");
             }
         }
+    }
+
+    /// The UART's registers and the input bytes the guest has not read.
+    pub fn save(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Puts saved registers and input back; the interrupt eventfd and the output sink stay
+    /// this process's. A pending interrupt (enabled and set in the saved registers) is raised
+    /// again. A receive FIFO longer than the UART's is refused, and nothing changes.
+    pub fn restore(&mut self, state: &SerialSnapshot) -> Result<(), StateError> {
+        let fifo = self.uart.state().in_buffer.len() + self.uart.fifo_capacity();
+        if state.in_buffer.len() > fifo {
+            return Err(StateError::Mismatch(format!(
+                "serial input of {} bytes saved, the FIFO holds {fifo}",
+                state.in_buffer.len()
+            )));
+        }
+        let evt = self
+            .uart
+            .interrupt_evt()
+            .0
+            .try_clone()
+            .map_err(|source| StateError::Io {
+                what: "serial interrupt eventfd",
+                source,
+            })?;
+        let s = SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        // The output sink moves over below; the new UART writes nowhere until then.
+        let placeholder: SerialOut = Box::new(io::sink());
+        let uart = Serial::from_state(&s, EventFdTrigger::new(evt), NoEvents, placeholder)
+            .map_err(|e| match e {
+                vm_superio::serial::Error::Trigger(source)
+                | vm_superio::serial::Error::IOError(source) => StateError::Io {
+                    what: "serial interrupt",
+                    source,
+                },
+                vm_superio::serial::Error::FullFifo => {
+                    StateError::Mismatch("serial input longer than the FIFO".into())
+                }
+            })?;
+        let old = std::mem::replace(&mut self.uart, uart);
+        *self.uart.writer_mut() = old.into_writer();
+        Ok(())
     }
 
     /// How many input bytes the guest can take now.
@@ -396,6 +464,90 @@ impl I8042 {
             (COMMAND, [b]) => self.write_command(*b),
             _ => {}
         }
+    }
+
+    /// Controller and keyboard state, every byte on its way to the guest included.
+    pub fn save(&self) -> I8042Snapshot {
+        let k = &self.keyboard;
+        I8042Snapshot {
+            command_byte: self.command_byte,
+            pending: self.pending,
+            last_write_was_command: self.last_write_was_command,
+            output: self.output,
+            last_output: self.last_output,
+            output_port: self.output_port,
+            replies: self.replies.iter().copied().collect(),
+            keyboard: KeyboardSnapshot {
+                scanning: k.scanning,
+                pending: k.pending,
+                set: k.set,
+                leds: k.leds,
+                typematic: k.typematic,
+                out: k.out.iter().copied().collect(),
+                last_sent: k.last_sent,
+            },
+        }
+    }
+
+    /// Puts saved state back, checked first (buffer lengths, pending commands the device can
+    /// be waiting on, scancode set, the reset line not asserted): a refusal changes nothing.
+    /// A byte waiting in the output register with the interrupt enabled raises IRQ 1 again.
+    pub fn restore(&mut self, state: &I8042Snapshot) -> Result<(), StateError> {
+        let bad = |what: String| Err(StateError::Mismatch(format!("i8042: {what}")));
+        let k = &state.keyboard;
+        if state.replies.len() > REPLY_BUFFER {
+            return bad(format!("{} controller replies", state.replies.len()));
+        }
+        if k.out.len() > KBD_BUFFER {
+            return bad(format!("{} keyboard bytes", k.out.len()));
+        }
+        if let Some(p) = state.pending {
+            let waits = matches!(
+                p,
+                CMD_WRITE_RAM_FIRST
+                    ..=CMD_WRITE_RAM_LAST | CMD_WRITE_OUTPUT_PORT | CMD_WRITE_KBD_BUFFER
+            );
+            if !waits {
+                return bad(format!("controller command {p:#04x} takes no data byte"));
+            }
+        }
+        if let Some(p) = k.pending {
+            if !matches!(p, KBD_SET_LEDS | KBD_SCANCODE_SET | KBD_SET_TYPEMATIC) {
+                return bad(format!("keyboard command {p:#04x} takes no argument"));
+            }
+        }
+        if !(1..=3).contains(&k.set) {
+            return bad(format!("scancode set {}", k.set));
+        }
+        if state.output_port & OUT_RESET_N == 0 {
+            return bad("output port holds the CPU in reset".into());
+        }
+        self.command_byte = state.command_byte;
+        self.pending = state.pending;
+        self.last_write_was_command = state.last_write_was_command;
+        self.output = state.output;
+        self.last_output = state.last_output;
+        self.output_port = state.output_port & !OUT_KBD_OBF;
+        self.replies = state.replies.iter().copied().collect();
+        self.keyboard = Keyboard {
+            scanning: k.scanning,
+            pending: k.pending,
+            set: k.set,
+            leds: k.leds & 0x07,
+            typematic: k.typematic & 0x7f,
+            out: k.out.iter().copied().collect(),
+            last_sent: k.last_sent,
+        };
+        if self.output.is_some() {
+            if self.command_byte & CB_KBD_INT != 0 {
+                // The guest may not have taken the interrupt before the snapshot; an extra one
+                // finds the byte (or, if read meanwhile, an empty register) and is harmless.
+                self.raise_interrupt();
+            }
+        } else {
+            self.refill();
+        }
+        Ok(())
     }
 
     /// Queues Ctrl↓ Alt↓ Del↓ Del↑ Alt↑ Ctrl↑ for the guest, in the scancode set it reads.
@@ -974,5 +1126,121 @@ mod tests {
             assert!(k.dev.keyboard.out.len() <= KBD_BUFFER);
         }
         let _ = k.irqs();
+    }
+
+    // --- snapshot ---
+
+    #[test]
+    fn serial_restore_keeps_input_registers_and_the_new_sink() {
+        let old_sink = Sink::default();
+        let mut s = SerialDevice::new(EventFd::new(0).unwrap(), Box::new(old_sink.clone()));
+        s.write(3, &[0x80]); // LCR: DLAB, to set the divisor
+        s.write(0, &[0x0c]);
+        s.write(3, &[0x03]); // 8N1
+        s.write(7, &[0x5a]); // scratch
+        s.write(1, &[0x01]); // IER: received-data interrupt
+        assert_eq!(s.enqueue_input(b"abc"), 3);
+        let saved = s.save();
+        assert_eq!(saved.in_buffer, b"abc");
+        let text = serde_json::to_string(&saved).unwrap();
+        let saved: SerialSnapshot = serde_json::from_str(&text).unwrap();
+
+        let irq = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let new_sink = Sink::default();
+        let mut s2 = SerialDevice::new(irq.try_clone().unwrap(), Box::new(new_sink.clone()));
+        s2.restore(&saved).unwrap();
+        assert_eq!(s2.save(), saved);
+        assert_eq!(
+            irq.read().unwrap(),
+            1,
+            "the pending data interrupt is raised again"
+        );
+        let mut b = [0u8];
+        s2.read(5, &mut b);
+        assert_eq!(b[0] & 1, 1, "data ready");
+        for want in b"abc" {
+            s2.read(0, &mut b);
+            assert_eq!(b[0], *want);
+        }
+        s2.read(7, &mut b);
+        assert_eq!(b[0], 0x5a);
+        s2.write(0, b"x");
+        assert_eq!(new_sink.0.lock().unwrap().as_slice(), b"x");
+        assert!(old_sink.0.lock().unwrap().is_empty());
+        assert_eq!(s2.input_room(), 64);
+    }
+
+    #[test]
+    fn serial_restore_refuses_an_overfull_fifo() {
+        let irq = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let mut s = SerialDevice::new(irq.try_clone().unwrap(), Box::new(io::sink()));
+        s.enqueue_input(b"z");
+        let bad = SerialSnapshot {
+            in_buffer: vec![b'q'; 65],
+            ..s.save()
+        };
+        assert!(matches!(s.restore(&bad), Err(StateError::Mismatch(_))));
+        let mut b = [0u8];
+        s.read(0, &mut b);
+        assert_eq!(b[0], b'z', "unchanged");
+    }
+
+    #[test]
+    fn i8042_restore_keeps_pending_bytes_and_commands() {
+        let mut k = Kbc::new();
+        // Untranslated, keyboard interrupt on; a command byte write half done.
+        k.cmd(CMD_WRITE_RAM_FIRST);
+        k.put(CB_SYS | CB_KBD_INT);
+        k.drain();
+        k.kbd(KBD_SCANCODE_SET);
+        k.kbd(1);
+        k.dev.send_ctrl_alt_del().unwrap();
+        assert_eq!(k.data(), CTRL_ALT_DEL_SET1[0]);
+        k.cmd(CMD_WRITE_RAM_FIRST);
+        let saved = k.dev.save();
+        assert_eq!(saved.command_byte, CB_SYS | CB_KBD_INT);
+        assert_eq!(saved.pending, Some(CMD_WRITE_RAM_FIRST));
+        assert_eq!(saved.keyboard.set, 1);
+        let text = serde_json::to_string(&saved).unwrap();
+        let saved: I8042Snapshot = serde_json::from_str(&text).unwrap();
+
+        let mut k2 = Kbc::new();
+        k2.dev.restore(&saved).unwrap();
+        assert_eq!(k2.dev.save(), saved);
+        assert_eq!(
+            k2.irqs(),
+            1,
+            "a byte waits with the interrupt on: raised again"
+        );
+        // The pending command takes its data byte.
+        k2.put(CB_SYS | CB_KBD_INT | CB_XLATE);
+        assert_eq!(k2.dev.command_byte, CB_SYS | CB_KBD_INT | CB_XLATE);
+        // The rest of Ctrl-Alt-Del arrives, in order.
+        assert_eq!(k2.drain(), CTRL_ALT_DEL_SET1[1..]);
+        assert!(!k2.exit.requested());
+    }
+
+    #[test]
+    fn i8042_restore_refuses_impossible_state() {
+        let good = Kbc::new().dev.save();
+        type Edit = fn(&mut I8042Snapshot);
+        let cases: [Edit; 6] = [
+            |s| s.replies = vec![0; REPLY_BUFFER + 1],
+            |s| s.keyboard.out = vec![0; KBD_BUFFER + 1],
+            |s| s.pending = Some(CMD_SELF_TEST),
+            |s| s.keyboard.pending = Some(KBD_ECHO),
+            |s| s.keyboard.set = 4,
+            |s| s.output_port = 0,
+        ];
+        for edit in cases {
+            let mut bad = good.clone();
+            edit(&mut bad);
+            let mut k = Kbc::new();
+            k.cmd(CMD_READ_RAM_FIRST);
+            let before = k.dev.save();
+            assert!(matches!(k.dev.restore(&bad), Err(StateError::Mismatch(_))));
+            assert_eq!(k.dev.save(), before, "unchanged");
+            assert!(!k.exit.requested());
+        }
     }
 }

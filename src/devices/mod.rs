@@ -6,6 +6,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod state;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};

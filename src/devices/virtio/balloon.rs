@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use crate::kvm::memory::GuestMemoryMmap;
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueState, QueueT};
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryError, Le16, Le32, Le64, VolatileSlice,
 };
@@ -43,6 +43,7 @@ use super::{
     ActivateError, ActivateEvent, ActiveQueues, Interrupt, VirtioDevice, TOKEN_ACTIVATE,
     TOKEN_BACKEND, TOKEN_QUEUE0, TYPE_BALLOON, VIRTIO_F_VERSION_1,
 };
+use crate::devices::state::{DeviceSnapshot, StateError};
 
 pub const QUEUE_SIZE: u16 = 256;
 pub const INFLATE_QUEUE: usize = 0;
@@ -629,6 +630,62 @@ impl VirtioDevice for Balloon {
             log::warn!("virtio-balloon: cannot stop the statistics timer: {e}");
         }
     }
+
+    fn save_state(&self) -> DeviceSnapshot {
+        DeviceSnapshot::Balloon {
+            num_pages: self.num_pages,
+            actual: self.actual,
+            stats_enabled: self.stats_enabled,
+            stats_interval_s: self.stats_interval_s,
+            latest_stats: self.latest_stats,
+        }
+    }
+
+    /// Target and actual size as saved, so guest and host agree on the balloon; the
+    /// statistics interval as last set. The statistics timer restarts at activation.
+    fn restore_state(&mut self, s: &DeviceSnapshot) -> Result<(), StateError> {
+        let DeviceSnapshot::Balloon {
+            num_pages,
+            actual,
+            stats_enabled,
+            stats_interval_s,
+            latest_stats,
+        } = s
+        else {
+            return Err(s.wrong_kind("balloon"));
+        };
+        if *stats_enabled != self.stats_enabled {
+            let on = |b: bool| if b { "on" } else { "off" };
+            return Err(StateError::Mismatch(format!(
+                "balloon statistics are {} in the configuration, {} in the snapshot",
+                on(self.stats_enabled),
+                on(*stats_enabled)
+            )));
+        }
+        self.num_pages = *num_pages;
+        self.actual = *actual;
+        self.stats_interval_s = *stats_interval_s;
+        self.latest_stats = *latest_stats;
+        Ok(())
+    }
+
+    /// The statistics buffer the device holds is the last one it took from the statistics
+    /// queue: it goes back to the available ring, and the restored device takes it again.
+    fn queue_states(&self) -> Vec<QueueState> {
+        let Some(a) = &self.active else {
+            return Vec::new();
+        };
+        (0..)
+            .zip(&a.queues)
+            .map(|(i, q)| {
+                if i == STATS_QUEUE && self.stats_head.is_some() {
+                    super::rewound_state(q, 1)
+                } else {
+                    q.state()
+                }
+            })
+            .collect()
+    }
 }
 
 impl MutEventSubscriber for Balloon {
@@ -1210,5 +1267,169 @@ mod tests {
             b.activate(act),
             Err(ActivateError::QueueCount { want: 2, got: 0 })
         ));
+    }
+}
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::*;
+    use crate::config::BalloonConfig;
+    use crate::devices::state::TransportSnapshot;
+    use crate::devices::virtio::mmio::MmioTransport;
+    use crate::devices::virtio::test_utils::{
+        driver_init, memory, settle, through_json, transport, TestRing,
+    };
+    use event_manager::{EventManager, SubscriberOps};
+    use std::sync::Mutex;
+    use vm_memory::Bytes;
+
+    const FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_BALLOON_F_STATS_VQ;
+    const PFN: u32 = 0x50;
+
+    struct Rig {
+        t: MmioTransport,
+        em: EventManager<Arc<Mutex<Balloon>>>,
+        dev: Arc<Mutex<Balloon>>,
+    }
+
+    fn rig(mem: &GuestMemoryMmap, mib: u32, deflate_on_oom: bool, stats: u32) -> Rig {
+        let dev = Balloon::new(&BalloonConfig {
+            mib,
+            deflate_on_oom,
+            stats_interval_s: stats,
+        })
+        .unwrap();
+        let dev = Arc::new(Mutex::new(dev));
+        let mut em = EventManager::<Arc<Mutex<Balloon>>>::new().unwrap();
+        em.add_subscriber(dev.clone());
+        let (t, _, _) = transport(dev.clone(), mem);
+        Rig { t, em, dev }
+    }
+
+    fn config(t: &mut MmioTransport) -> (u32, u32) {
+        let mut c = [0u8; 8];
+        t.read(0x100, &mut c);
+        let [a, b, c0, d, e, f, g, h] = c;
+        (
+            u32::from_le_bytes([a, b, c0, d]),
+            u32::from_le_bytes([e, f, g, h]),
+        )
+    }
+
+    fn rings(mem: &GuestMemoryMmap) -> [TestRing; 3] {
+        [0x1000, 0x2000, 0x3000].map(|b| TestRing::new(mem, b, 16))
+    }
+
+    /// A running balloon: target moved to 32 MiB, the driver holds 1000 pages, gave a
+    /// statistics buffer (held by the device); paused, it queued an inflate chain.
+    fn saved(mem: &GuestMemoryMmap, r3: &mut [TestRing; 3]) -> TransportSnapshot {
+        let mut r = rig(mem, 64, false, 5);
+        driver_init(&mut r.t, FEATURES, &r3[..]);
+        r.t.write(0x104, &1000u32.to_le_bytes());
+        let mut stats = Vec::new();
+        stats.extend(TAG_MEMFREE.to_le_bytes());
+        stats.extend(123_456u64.to_le_bytes());
+        mem.write_slice(&stats, GuestAddress(0x9000)).unwrap();
+        r3[STATS_QUEUE].push(mem, &[(0x9000, 10, false)]);
+        settle(&mut r.em);
+        assert!(r.dev.lock().unwrap().stats_head.is_some());
+        r.dev.lock().unwrap().set_target_mib(32);
+
+        mem.write_slice(
+            &[0x77; PAGE_SIZE as usize],
+            GuestAddress(u64::from(PFN) << PFN_SHIFT),
+        )
+        .unwrap();
+        mem.write_slice(&PFN.to_le_bytes(), GuestAddress(0xa000))
+            .unwrap();
+        r3[INFLATE_QUEUE].push(mem, &[(0xa000, 4, false)]);
+        r.t.save()
+    }
+
+    #[test]
+    fn round_trip_keeps_sizes_and_statistics_and_serves_the_waiting_chain() {
+        let mem = memory();
+        let mut r3 = rings(&mem);
+        let s = through_json(&saved(&mem, &mut r3));
+        assert_eq!(
+            s.device,
+            DeviceSnapshot::Balloon {
+                num_pages: 32 * PAGES_PER_MIB,
+                actual: 1000,
+                stats_enabled: true,
+                stats_interval_s: 5,
+                latest_stats: Some(BalloonStats {
+                    free_memory: Some(123_456),
+                    ..BalloonStats::default()
+                }),
+            }
+        );
+        assert_eq!(s.config_generation, 1);
+        assert_eq!(
+            (
+                s.queues[STATS_QUEUE].next_avail,
+                s.queues[STATS_QUEUE].next_used
+            ),
+            (0, 0),
+            "the held statistics buffer goes back to the ring"
+        );
+
+        // Configured with the old 64 MiB target: the saved sizes win.
+        let mut r = rig(&mem, 64, false, 5);
+        r.t.restore(&s).unwrap();
+        assert_eq!(config(&mut r.t), (32 * PAGES_PER_MIB, 1000));
+        let mut g = [0u8; 4];
+        r.t.read(0x0fc, &mut g);
+        assert_eq!(u32::from_le_bytes(g), 1, "config generation");
+        settle(&mut r.em);
+        // The inflate chain queued before the snapshot is served, the page dropped.
+        assert_eq!(r3[INFLATE_QUEUE].take_used(&mem), vec![(0, 0)]);
+        let mut page = [1u8; 16];
+        mem.read_slice(&mut page, GuestAddress(u64::from(PFN) << PFN_SHIFT))
+            .unwrap();
+        assert_eq!(page, [0; 16]);
+        // The statistics buffer is held again and goes back when the timer fires.
+        let mut d = r.dev.lock().unwrap();
+        assert_eq!(d.stats_head, Some(0));
+        assert_eq!(d.latest_stats().unwrap().free_memory, Some(123_456));
+        assert!(d.request_stats());
+        drop(d);
+        assert_eq!(r3[STATS_QUEUE].take_used(&mem), vec![(0, 0)]);
+        assert_eq!(r3[STATS_QUEUE].used_idx(&mem), 1);
+    }
+
+    #[test]
+    fn another_statistics_or_feature_setup_or_kind_is_refused() {
+        let mem = memory();
+        let mut r3 = rings(&mem);
+        let s = saved(&mem, &mut r3);
+
+        // No statistics queue now: one queue fewer than saved.
+        let mut r = rig(&mem, 64, false, 0);
+        assert!(matches!(r.t.restore(&s), Err(StateError::Mismatch(_))));
+        assert!(!r.t.is_activated());
+        assert_eq!(config(&mut r.t), (64 * PAGES_PER_MIB, 0), "unchanged");
+        assert!(matches!(
+            r.dev.lock().unwrap().restore_state(&s.device),
+            Err(StateError::Mismatch(_))
+        ));
+
+        // The guest acked DEFLATE_ON_OOM, which this configuration does not offer.
+        let mut s2 = s.clone();
+        s2.driver_features |= VIRTIO_BALLOON_F_DEFLATE_ON_OOM;
+        let mut r = rig(&mem, 64, false, 5);
+        assert!(matches!(r.t.restore(&s2), Err(StateError::Mismatch(_))));
+        let mut r = rig(&mem, 64, true, 5);
+        r.t.restore(&s2).unwrap();
+
+        let b = rig(&mem, 64, false, 5);
+        assert!(matches!(
+            b.dev
+                .lock()
+                .unwrap()
+                .restore_state(&DeviceSnapshot::Net { mac: [0; 6] }),
+            Err(StateError::Kind { .. })
+        ));
+        assert!(!b.t.is_activated());
     }
 }

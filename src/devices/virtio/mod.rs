@@ -14,6 +14,13 @@
 //! and `rng.rs` is the one to copy. Guest memory is reached only through vm-memory and
 //! virtio-queue's checked accessors: a malformed chain gets an error status or length 0,
 //! never a panic or an access outside guest memory.
+//!
+//! Snapshots (`crate::devices::state`): the transport saves its registers and the queues, with
+//! the ring positions the device reports (`VirtioDevice::queue_states`: chains a device holds
+//! go back to the available ring); each device saves and checks its own state
+//! (`save_state`/`restore_state`). On restore the transport re-activates an active device
+//! through the same path as DRIVER_OK, so when the event loop starts the device registers its
+//! fds and serves whatever already waits in its rings.
 
 pub mod balloon;
 pub mod block;
@@ -25,9 +32,10 @@ pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crate::devices::state::{DeviceSnapshot, StateError};
 use crate::kvm::memory::GuestMemoryMmap;
 use event_manager::{EventOps, Events};
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -121,6 +129,20 @@ impl Interrupt {
     fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
     }
+
+    /// Puts back saved InterruptStatus bits and config generation (snapshot restore). With
+    /// bits set the irqfd is signalled once: the driver may not have seen the interrupt before
+    /// the snapshot, and a spurious virtio interrupt is harmless where a lost one hangs it.
+    pub fn restore(&self, status: u32, config_generation: u32) {
+        self.status.store(status, Ordering::SeqCst);
+        self.config_generation
+            .store(config_generation, Ordering::SeqCst);
+        if status != 0 {
+            if let Err(e) = self.irqfd.write(1) {
+                log::warn!("cannot inject a virtio interrupt: {e}");
+            }
+        }
+    }
 }
 
 /// What a device receives at DRIVER_OK.
@@ -185,6 +207,24 @@ pub trait VirtioDevice: Send {
     fn metrics(&self) -> serde_json::Value {
         serde_json::Value::Null
     }
+    /// The device's own state for a snapshot (called while the VM is paused).
+    fn save_state(&self) -> DeviceSnapshot;
+    /// Puts saved state back into a freshly built, not yet activated device (before the
+    /// transport re-activates it). Refuses state of another kind (`StateError::Kind`) or that
+    /// does not fit this device as configured now, and then changes nothing.
+    fn restore_state(&mut self, s: &DeviceSnapshot) -> Result<(), StateError>;
+    /// While active: the device's queues as they stand (its copies advance, the transport's
+    /// do not), with every chain the device took from an available ring but has not returned
+    /// put back (`next_avail` rewound), so that a device restored from them takes those chains
+    /// again. Empty when not active.
+    fn queue_states(&self) -> Vec<QueueState>;
+}
+
+/// `queue.state()` with `next_avail` moved back by `held` chains (taken, not yet returned).
+pub fn rewound_state(queue: &Queue, held: u16) -> QueueState {
+    let mut s = queue.state();
+    s.next_avail = queue.next_avail().wrapping_sub(held);
+    s
 }
 
 /// Converts a little-endian config space into a read at `offset`, zero past its end.
@@ -274,12 +314,16 @@ pub(crate) mod test_utils {
 
     use std::sync::Arc;
 
+    use crate::devices::state::TransportSnapshot;
     use crate::kvm::memory::GuestMemoryMmap;
+    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueT};
-    use vm_memory::GuestAddress;
-    use vmm_sys_util::eventfd::EventFd;
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+    use super::mmio::{MmioTransport, SharedDevice};
     use super::{ActiveQueues, Interrupt};
 
     /// 1 MiB of guest memory at 0.
@@ -305,6 +349,164 @@ pub(crate) mod test_utils {
         );
         q.set_ready(true);
         q
+    }
+
+    /// The driver side of one split queue in guest memory, written the way a driver does:
+    /// descriptors, then the available ring entry, then the available index. Laid out by hand
+    /// (descriptor table at `base`, available ring after it, used ring at `base + 0x800`)
+    /// because `MockSplitQueue::create` puts its used ring over the second half of the
+    /// available ring; `MockSplitQueue` itself works on the same memory through its
+    /// `desc_table()`/`avail()` accessors, which tests may use alongside.
+    #[derive(Clone, Copy, Debug)]
+    pub struct TestRing {
+        pub size: u16,
+        pub desc: u64,
+        pub avail: u64,
+        pub used: u64,
+        next_desc: u16,
+        avail_idx: u16,
+        used_seen: u16,
+    }
+
+    impl TestRing {
+        /// A ring of `size` (at most 64) entries at `base`; its indexes are zeroed.
+        pub fn new(mem: &GuestMemoryMmap, base: u64, size: u16) -> TestRing {
+            assert!(size <= 64 && size.is_power_of_two());
+            let r = TestRing {
+                size,
+                desc: base,
+                avail: base + 16 * u64::from(size),
+                used: base + 0x800,
+                next_desc: 0,
+                avail_idx: 0,
+                used_seen: 0,
+            };
+            for a in [r.avail, r.avail + 2, r.used, r.used + 2] {
+                mem.write_obj(0u16, GuestAddress(a)).unwrap();
+            }
+            r
+        }
+
+        /// Offers one chain of (address, length, device-writable) buffers; returns its head.
+        pub fn push(&mut self, mem: &GuestMemoryMmap, bufs: &[(u64, u32, bool)]) -> u16 {
+            let head = self.next_desc;
+            for (i, &(addr, len, w)) in bufs.iter().enumerate() {
+                let idx = (head + i as u16) % self.size;
+                let mut flags = if w { VRING_DESC_F_WRITE } else { 0 } as u16;
+                if i + 1 < bufs.len() {
+                    flags |= VRING_DESC_F_NEXT as u16;
+                }
+                let d = RawDescriptor::from(SplitDescriptor::new(
+                    addr,
+                    len,
+                    flags,
+                    (idx + 1) % self.size,
+                ));
+                mem.write_obj(d, GuestAddress(self.desc + 16 * u64::from(idx)))
+                    .unwrap();
+            }
+            self.next_desc = (head + bufs.len() as u16) % self.size;
+            let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);
+            mem.write_obj(head, GuestAddress(slot)).unwrap();
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+            mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
+                .unwrap();
+            head
+        }
+
+        /// The device's used index.
+        pub fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
+            mem.read_obj(GuestAddress(self.used + 2)).unwrap()
+        }
+
+        /// Used elements (head, length) since the last call.
+        pub fn take_used(&mut self, mem: &GuestMemoryMmap) -> Vec<(u32, u32)> {
+            let idx = self.used_idx(mem);
+            let mut out = Vec::new();
+            while self.used_seen != idx {
+                let e = self.used + 4 + 8 * u64::from(self.used_seen % self.size);
+                let id: u32 = mem.read_obj(GuestAddress(e)).unwrap();
+                let len: u32 = mem.read_obj(GuestAddress(e + 4)).unwrap();
+                out.push((id, len));
+                self.used_seen = self.used_seen.wrapping_add(1);
+            }
+            out
+        }
+    }
+
+    /// A virtio-mmio window around `dev` (one queue eventfd per queue); its interrupt and
+    /// queue eventfds.
+    pub fn transport(
+        dev: SharedDevice,
+        mem: &GuestMemoryMmap,
+    ) -> (MmioTransport, Arc<Interrupt>, Vec<Arc<EventFd>>) {
+        let n = dev.lock().unwrap().queue_max_sizes().len();
+        let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let evts: Vec<_> = (0..n)
+            .map(|_| Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()))
+            .collect();
+        let t = MmioTransport::new(dev, mem.clone(), irq.clone(), evts.clone());
+        (t, irq, evts)
+    }
+
+    pub fn mmio_write(t: &mut MmioTransport, offset: u64, v: u32) {
+        t.write(offset, &v.to_le_bytes());
+    }
+
+    pub fn mmio_read(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    /// What a driver does from reset to DRIVER_OK: status bits in order, `features`, then one
+    /// queue per ring (queues past `rings` are left unready).
+    pub fn driver_init(t: &mut MmioTransport, features: u64, rings: &[TestRing]) {
+        use super::mmio::{
+            STATUS_ACKNOWLEDGE as A, STATUS_DRIVER as D, STATUS_DRIVER_OK as OK,
+            STATUS_FEATURES_OK as F,
+        };
+        mmio_write(t, 0x070, A);
+        mmio_write(t, 0x070, A | D);
+        for (sel, half) in [(0, features as u32), (1, (features >> 32) as u32)] {
+            mmio_write(t, 0x024, sel);
+            mmio_write(t, 0x020, half);
+        }
+        mmio_write(t, 0x070, A | D | F);
+        assert_eq!(
+            mmio_read(t, 0x070) & F,
+            F,
+            "features {features:#x} accepted"
+        );
+        for (i, r) in rings.iter().enumerate() {
+            mmio_write(t, 0x030, i as u32);
+            mmio_write(t, 0x038, u32::from(r.size));
+            for (off, addr) in [(0x080, r.desc), (0x090, r.avail), (0x0a0, r.used)] {
+                mmio_write(t, off, addr as u32);
+                mmio_write(t, off + 4, (addr >> 32) as u32);
+            }
+            mmio_write(t, 0x044, 1);
+        }
+        mmio_write(t, 0x070, A | D | F | OK);
+        assert!(t.is_activated(), "device activated");
+    }
+
+    /// A snapshot as it comes back from a file: serialised to JSON and parsed again.
+    pub fn through_json(s: &TransportSnapshot) -> TransportSnapshot {
+        let text = serde_json::to_string(s).unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// Runs an event loop until it has nothing more to do.
+    pub fn settle<T: event_manager::MutEventSubscriber>(
+        em: &mut event_manager::EventManager<Arc<std::sync::Mutex<T>>>,
+    ) {
+        for _ in 0..100 {
+            if em.run_with_timeout(0).unwrap() == 0 {
+                return;
+            }
+        }
+        panic!("the event loop does not settle");
     }
 
     /// Activation input for a device with the given queues.

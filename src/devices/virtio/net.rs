@@ -42,7 +42,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO,
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueState, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -53,6 +53,7 @@ use super::{
     TOKEN_BACKEND, TOKEN_QUEUE0, TYPE_NET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::config::NetConfig;
+use crate::devices::state::{DeviceSnapshot, StateError};
 
 pub const QUEUE_SIZE: u16 = 256;
 const RX_QUEUE: usize = 0;
@@ -147,6 +148,8 @@ struct RxChain {
     head: u16,
     bufs: Vec<(GuestAddress, usize)>,
     cap: usize,
+    /// Its position in the available ring (what `next_avail` was when it was taken).
+    avail_pos: u16,
 }
 
 struct Active {
@@ -477,8 +480,14 @@ fn fill_chains(
         };
         retried = false;
         let head = chain.head_index();
+        let avail_pos = a.rx.next_avail().wrapping_sub(1);
         match parse_chain(&a.mem, chain, true, usize::MAX) {
-            Ok((bufs, cap)) if cap >= VNET_HDR_LEN => held.push_back(RxChain { head, bufs, cap }),
+            Ok((bufs, cap)) if cap >= VNET_HDR_LEN => held.push_back(RxChain {
+                head,
+                bufs,
+                cap,
+                avail_pos,
+            }),
             r => {
                 let why = r
                     .err()
@@ -819,6 +828,54 @@ impl VirtioDevice for Net {
 
     fn metrics(&self) -> serde_json::Value {
         serde_json::to_value(self.stats).unwrap_or_default()
+    }
+
+    fn save_state(&self) -> DeviceSnapshot {
+        DeviceSnapshot::Net { mac: self.mac }
+    }
+
+    /// Keeps the MAC the guest knows (a clone may come up on another TAP, but the guest's
+    /// interface keeps its address). The TAP offloads follow from `set_acked_features`, which
+    /// the transport calls on restore.
+    fn restore_state(&mut self, s: &DeviceSnapshot) -> Result<(), StateError> {
+        let DeviceSnapshot::Net { mac } = s else {
+            return Err(s.wrong_kind("net"));
+        };
+        if *mac != self.mac {
+            log::info!(
+                "virtio-net: guest MAC {} restored (configured: {})",
+                crate::config::MacAddr(*mac),
+                crate::config::MacAddr(self.mac)
+            );
+        }
+        self.mac = *mac;
+        Ok(())
+    }
+
+    /// Receive chains held for a frame that did not fit yet go back to the available ring
+    /// (they are the last ones taken, unless the guest interleaved malformed chains, which
+    /// were returned already: then the held ones are left to the guest's reset). The frame
+    /// itself, read from the old TAP, is not saved: it is lost, as on a real network.
+    fn queue_states(&self) -> Vec<QueueState> {
+        let Some(a) = &self.active else {
+            return Vec::new();
+        };
+        let next = a.rx.next_avail();
+        let held = u16::try_from(self.rx_held.len()).unwrap_or(u16::MAX);
+        let first = next.wrapping_sub(held);
+        let contiguous = (0u16..)
+            .zip(&self.rx_held)
+            .all(|(i, c)| c.avail_pos == first.wrapping_add(i));
+        let rx = if contiguous {
+            super::rewound_state(&a.rx, held)
+        } else {
+            log::warn!(
+                "virtio-net: {held} receive chains taken out of order cannot be put back; \
+                 the guest loses them"
+            );
+            a.rx.state()
+        };
+        vec![rx, a.tx.state()]
     }
 }
 
@@ -1501,5 +1558,190 @@ mod tests {
         // Nothing to read on a down TAP; the device keeps watching it.
         assert_eq!(r.net.process_rx(), 0);
         assert!(r.net.wants_tap());
+    }
+}
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::*;
+    use crate::devices::state::TransportSnapshot;
+    use crate::devices::virtio::mmio::MmioTransport;
+    use crate::devices::virtio::test_utils::{
+        driver_init, memory, settle, through_json, transport, TestRing,
+    };
+    use event_manager::{EventManager, SubscriberOps};
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::UnixDatagram;
+    use std::sync::Mutex;
+
+    const MAC: [u8; 6] = [0x06, 0, 0, 0, 0, 0x42];
+    const OTHER_MAC: [u8; 6] = [0x06, 0, 0, 0, 0, 0x99];
+    const FEATURES: u64 = VIRTIO_F_VERSION_1 | bit(VIRTIO_NET_F_MRG_RXBUF);
+
+    struct Rig {
+        t: MmioTransport,
+        em: EventManager<Arc<Mutex<Net>>>,
+        dev: Arc<Mutex<Net>>,
+        peer: UnixDatagram,
+    }
+
+    /// A device on a datagram socket pair (the "TAP"), behind a transport, under an event loop.
+    fn rig(mem: &GuestMemoryMmap, mac: [u8; 6]) -> Rig {
+        let (dev, peer) = UnixDatagram::pair().unwrap();
+        dev.set_nonblocking(true).unwrap();
+        peer.set_nonblocking(true).unwrap();
+        let net = Net::with_backend(File::from(OwnedFd::from(dev)), mac).unwrap();
+        let dev = Arc::new(Mutex::new(net));
+        let mut em = EventManager::<Arc<Mutex<Net>>>::new().unwrap();
+        em.add_subscriber(dev.clone());
+        let (t, _, _) = transport(dev.clone(), mem);
+        Rig { t, em, dev, peer }
+    }
+
+    fn frame(len: usize, seed: u8) -> Vec<u8> {
+        let mut p = vec![0u8; VNET_HDR_LEN];
+        p.extend((0..len).map(|i| (i as u8).wrapping_mul(3).wrapping_add(seed)));
+        p
+    }
+
+    fn recv(peer: &UnixDatagram) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; MAX_PACKET_LEN];
+        peer.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
+    }
+
+    fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
+    }
+
+    fn mac_of(t: &mut MmioTransport) -> [u8; 6] {
+        let mut m = [0u8; 6];
+        t.read(0x100, &mut m);
+        m
+    }
+
+    /// A running device that sent one frame and received one; then, paused, the guest queued
+    /// a frame to send and a receive buffer.
+    fn saved(mem: &GuestMemoryMmap, rx: &mut TestRing, tx: &mut TestRing) -> TransportSnapshot {
+        let mut r = rig(mem, MAC);
+        driver_init(&mut r.t, FEATURES, &[*rx, *tx]);
+        rx.push(mem, &[(0x20000, 2048, true)]);
+        let f1 = frame(60, 1);
+        mem.write_slice(&f1, GuestAddress(0x30000)).unwrap();
+        tx.push(mem, &[(0x30000, f1.len() as u32, false)]);
+        settle(&mut r.em);
+        assert_eq!(recv(&r.peer), Some(f1));
+        r.peer.send(&frame(100, 2)).unwrap();
+        settle(&mut r.em);
+        assert_eq!(rx.take_used(mem), vec![(0, 112)]);
+        assert_eq!(tx.take_used(mem), vec![(0, 0)]);
+
+        let f3 = frame(80, 3);
+        mem.write_slice(&f3, GuestAddress(0x31000)).unwrap();
+        tx.push(mem, &[(0x31000, f3.len() as u32, false)]);
+        rx.push(mem, &[(0x21000, 2048, true)]);
+        r.t.save()
+    }
+
+    #[test]
+    fn round_trip_on_a_new_tap_keeps_the_mac_and_the_rings() {
+        let mem = memory();
+        let mut rx = TestRing::new(&mem, 0x1000, 16);
+        let mut tx = TestRing::new(&mem, 0x2000, 16);
+        let s = through_json(&saved(&mem, &mut rx, &mut tx));
+        assert_eq!(s.device, DeviceSnapshot::Net { mac: MAC });
+
+        // The clone comes up on another TAP, configured with another MAC.
+        let mut r = rig(&mem, OTHER_MAC);
+        r.t.restore(&s).unwrap();
+        assert_eq!(mac_of(&mut r.t), MAC, "the MAC the guest knows");
+        assert_eq!(r.dev.lock().unwrap().acked, FEATURES);
+        settle(&mut r.em);
+        // The frame queued before the snapshot leaves through the new TAP.
+        assert_eq!(recv(&r.peer), Some(frame(80, 3)));
+        assert_eq!(tx.take_used(&mem), vec![(1, 0)]);
+        assert_eq!(tx.used_idx(&mem), 2);
+        // The receive buffer given before the snapshot takes the next frame.
+        r.peer.send(&frame(200, 4)).unwrap();
+        settle(&mut r.em);
+        assert_eq!(rx.take_used(&mem), vec![(1, 212)]);
+        assert_eq!(rx.used_idx(&mem), 2);
+        let mut want = frame(200, 4);
+        want[NUM_BUFFERS_OFFSET] = 1;
+        assert_eq!(read(&mem, 0x21000, 212), want);
+    }
+
+    #[test]
+    fn receive_chains_held_for_a_big_frame_go_back_to_the_ring() {
+        let mem = memory();
+        let mut rx = TestRing::new(&mem, 0x1000, 16);
+        let tx = TestRing::new(&mem, 0x2000, 16);
+        let mut r = rig(&mem, MAC);
+        driver_init(&mut r.t, FEATURES, &[rx, tx]);
+        rx.push(&mem, &[(0x20000, 1024, true)]);
+        rx.push(&mem, &[(0x21000, 1024, true)]);
+        r.peer.send(&frame(3000, 5)).unwrap();
+        settle(&mut r.em);
+        assert_eq!(rx.used_idx(&mem), 0, "two chains are not enough");
+        assert_eq!(r.dev.lock().unwrap().rx_held.len(), 2);
+        let s = through_json(&r.t.save());
+        assert_eq!((s.queues[0].next_avail, s.queues[0].next_used), (0, 0));
+
+        let mut r2 = rig(&mem, MAC);
+        r2.t.restore(&s).unwrap();
+        settle(&mut r2.em);
+        rx.push(&mem, &[(0x22000, 1024, true)]);
+        rx.push(&mem, &[(0x23000, 1024, true)]);
+        assert_eq!(
+            r2.t.save().queues[0].next_avail,
+            0,
+            "nothing taken without a frame"
+        );
+        // The new TAP's first frame (the old one was lost with the old TAP) uses the
+        // same chains, from the first.
+        r2.peer.send(&frame(3000, 6)).unwrap();
+        settle(&mut r2.em);
+        let used = rx.take_used(&mem);
+        assert_eq!(used, vec![(0, 1024), (1, 1024), (2, 964)]);
+        let mut got = read(&mem, 0x20000, 1024);
+        got.extend(read(&mem, 0x21000, 1024));
+        got.extend(read(&mem, 0x22000, 964));
+        let mut want = frame(3000, 6);
+        want[NUM_BUFFERS_OFFSET] = 3;
+        assert_eq!(got, want);
+        assert_eq!(r2.t.save().queues[0].next_avail, 3);
+    }
+
+    #[test]
+    fn features_the_new_tap_lacks_or_another_kind_are_refused() {
+        let mem = memory();
+        let rx = TestRing::new(&mem, 0x1000, 16);
+        let tx = TestRing::new(&mem, 0x2000, 16);
+        let mut r = rig(&mem, MAC);
+        driver_init(
+            &mut r.t,
+            FEATURES | bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_TSO4),
+            &[rx, tx],
+        );
+        let s = through_json(&r.t.save());
+
+        // A TAP on a kernel without TSO: the guest's offloads cannot be honoured.
+        let r2 = rig(&mem, MAC);
+        r2.dev.lock().unwrap().avail_features &= !bit(VIRTIO_NET_F_GUEST_TSO4);
+        let mut t2 = r2.t;
+        assert!(matches!(t2.restore(&s), Err(StateError::Mismatch(_))));
+        assert!(!t2.is_activated());
+        assert_eq!(r2.dev.lock().unwrap().acked, 0);
+        assert_eq!(mac_of(&mut t2), MAC);
+
+        let mut net = r2.dev.lock().unwrap();
+        assert!(matches!(
+            net.restore_state(&DeviceSnapshot::Vsock {
+                cid: 3,
+                active: true
+            }),
+            Err(StateError::Kind { .. })
+        ));
     }
 }

@@ -12,13 +12,14 @@ use std::sync::Arc;
 
 use crate::kvm::memory::GuestMemoryMmap;
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
     single_queue_event, ActivateError, ActivateEvent, ActiveQueues, Interrupt, VirtioDevice,
     TYPE_RNG, VIRTIO_F_VERSION_1,
 };
+use crate::devices::state::{DeviceSnapshot, StateError};
 
 pub const QUEUE_SIZE: u16 = 256;
 /// The most one request may take: a guest cannot make the VMM thread read megabytes at once.
@@ -166,6 +167,23 @@ impl VirtioDevice for Rng {
 
     fn metrics(&self) -> serde_json::Value {
         serde_json::to_value(self.stats).unwrap_or_default()
+    }
+
+    fn save_state(&self) -> DeviceSnapshot {
+        DeviceSnapshot::Rng {}
+    }
+
+    /// Nothing to restore: the device keeps no state beyond its queue.
+    fn restore_state(&mut self, s: &DeviceSnapshot) -> Result<(), StateError> {
+        match s {
+            DeviceSnapshot::Rng {} => Ok(()),
+            other => Err(other.wrong_kind("rng")),
+        }
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        // Chains are served whole within one event: none is ever held.
+        self.active.iter().map(|a| a.queue.state()).collect()
     }
 }
 

@@ -39,7 +39,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_OUT,
 };
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -48,6 +48,7 @@ use super::{
     TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::config::DiskConfig;
+use crate::devices::state::{DeviceSnapshot, StateError};
 
 pub const QUEUE_SIZE: u16 = 256;
 /// The sector size of the virtio-blk protocol; also the block size we report.
@@ -714,6 +715,49 @@ impl VirtioDevice for Block {
 
     fn metrics(&self) -> serde_json::Value {
         serde_json::to_value(self.disk.stats).unwrap_or_default()
+    }
+
+    fn save_state(&self) -> DeviceSnapshot {
+        DeviceSnapshot::Block {
+            capacity: self.disk.capacity,
+            read_only: self.disk.read_only,
+        }
+    }
+
+    /// The guest read the capacity and the read-only feature before the snapshot; a disk that
+    /// changed under it (resized, or opened the other way) is refused.
+    fn restore_state(&mut self, s: &DeviceSnapshot) -> Result<(), StateError> {
+        let DeviceSnapshot::Block {
+            capacity,
+            read_only,
+        } = s
+        else {
+            return Err(s.wrong_kind("block"));
+        };
+        let path = self.disk.path.display();
+        if *capacity != self.disk.capacity {
+            let bytes = |sectors: u64| sectors.saturating_mul(SECTOR_SIZE);
+            return Err(StateError::Mismatch(format!(
+                "disk {path} is now {} bytes ({} sectors), the snapshot was taken with {} bytes ({capacity} sectors)",
+                bytes(self.disk.capacity),
+                self.disk.capacity,
+                bytes(*capacity)
+            )));
+        }
+        if *read_only != self.disk.read_only {
+            let how = |ro: bool| if ro { "read-only" } else { "read-write" };
+            return Err(StateError::Mismatch(format!(
+                "disk {path} is {}, the snapshot was taken with it {}",
+                how(self.disk.read_only),
+                how(*read_only)
+            )));
+        }
+        Ok(())
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        // Requests are served synchronously on the VMM thread: none is in flight.
+        self.active.iter().map(|a| a.queue.state()).collect()
     }
 }
 

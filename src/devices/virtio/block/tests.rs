@@ -804,3 +804,162 @@ fn cursor_splits_segments_and_stops() {
     );
     assert_eq!(total(&segs), 13);
 }
+
+// --- snapshot ---
+
+mod snapshot {
+    use super::*;
+    use crate::devices::state::{DeviceSnapshot, StateError, TransportSnapshot};
+    use crate::devices::virtio::mmio::MmioTransport;
+    use crate::devices::virtio::test_utils::{
+        driver_init, settle, through_json, transport, TestRing,
+    };
+    use event_manager::{EventManager, SubscriberOps};
+    use std::sync::Mutex;
+
+    const REQ: [u64; 3] = [0x20000, 0x21000, 0x22000];
+
+    struct Rig {
+        t: MmioTransport,
+        em: EventManager<Arc<Mutex<Block>>>,
+        dev: Arc<Mutex<Block>>,
+    }
+
+    fn rig(mem: &GuestMemoryMmap, blk: Block) -> Rig {
+        let dev = Arc::new(Mutex::new(blk));
+        let mut em = EventManager::<Arc<Mutex<Block>>>::new().unwrap();
+        em.add_subscriber(dev.clone());
+        let (t, _, _) = transport(dev.clone(), mem);
+        Rig { t, em, dev }
+    }
+
+    /// A request at `REQ[slot]`: header, `data` bytes (device-writable for IN), status.
+    fn request(
+        mem: &GuestMemoryMmap,
+        ring: &mut TestRing,
+        slot: usize,
+        req_type: u32,
+        sector: u64,
+        data: &[u8],
+    ) {
+        let base = REQ[slot];
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&req_type.to_le_bytes());
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(base)).unwrap();
+        mem.write_slice(data, GuestAddress(base + 0x100)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(base + 0x800)).unwrap();
+        let write = req_type == VIRTIO_BLK_T_IN;
+        ring.push(
+            mem,
+            &[
+                (base, 16, false),
+                (base + 0x100, data.len() as u32, write),
+                (base + 0x800, 1, true),
+            ],
+        );
+    }
+
+    fn status(mem: &GuestMemoryMmap, slot: usize) -> u8 {
+        mem.read_obj(GuestAddress(REQ[slot] + 0x800)).unwrap()
+    }
+
+    /// An active disk (EVENT_IDX on) that served one read, with a write waiting in the ring.
+    fn saved(mem: &GuestMemoryMmap, ring: &mut TestRing, img: &Image) -> TransportSnapshot {
+        let mut r = rig(mem, Block::new(&cfg(img, false), 0).unwrap());
+        driver_init(
+            &mut r.t,
+            VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | 1 << VIRTIO_BLK_F_FLUSH,
+            &[*ring],
+        );
+        request(mem, ring, 0, VIRTIO_BLK_T_IN, 1, &[0; 512]);
+        settle(&mut r.em);
+        assert_eq!(ring.take_used(mem), vec![(0, 513)]);
+        assert_eq!(status(mem, 0), OK);
+        request(mem, ring, 1, VIRTIO_BLK_T_OUT, 2, &[0x5a; 512]);
+        r.t.save()
+    }
+
+    #[test]
+    fn round_trip_serves_the_waiting_request_and_continues_the_used_ring() {
+        let mem = memory();
+        let img = image(&pattern(SECTORS as usize * 512));
+        let mut ring = TestRing::new(&mem, 0x1000, 16);
+        let s = through_json(&saved(&mem, &mut ring, &img));
+        assert_eq!(
+            s.device,
+            DeviceSnapshot::Block {
+                capacity: SECTORS,
+                read_only: false
+            }
+        );
+        assert_eq!((s.queues[0].next_avail, s.queues[0].next_used), (1, 1));
+        assert!(s.queues[0].event_idx);
+
+        // A new process: the same disk, a fresh device.
+        let mut r = rig(&mem, Block::new(&cfg(&img, false), 0).unwrap());
+        r.t.restore(&s).unwrap();
+        assert_eq!(r.dev.lock().unwrap().acked, s.driver_features);
+        settle(&mut r.em);
+        assert_eq!(
+            ring.take_used(&mem),
+            vec![(3, 1)],
+            "the write, as used entry 1"
+        );
+        assert_eq!(ring.used_idx(&mem), 2);
+        assert_eq!(status(&mem, 1), OK);
+        let disk = std::fs::read(&img.0).unwrap();
+        assert_eq!(&disk[1024..1536], &[0x5a; 512][..]);
+        assert_eq!(r.dev.lock().unwrap().stats().writes, 1);
+    }
+
+    #[test]
+    fn a_disk_of_another_size_or_mode_is_refused() {
+        let mem = memory();
+        let img = image(&pattern(SECTORS as usize * 512));
+        let mut ring = TestRing::new(&mem, 0x1000, 16);
+        let s = through_json(&saved(&mem, &mut ring, &img));
+
+        let bigger = image(&pattern(2 * SECTORS as usize * 512));
+        let mut r = rig(&mem, Block::new(&cfg(&bigger, false), 0).unwrap());
+        let err = r.t.restore(&s).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, StateError::Mismatch(_)), "{err}");
+        assert!(
+            msg.contains("8192 bytes") && msg.contains("4096 bytes"),
+            "{msg}"
+        );
+        assert!(!r.t.is_activated());
+        assert_eq!(r.t.status(), 0);
+        settle(&mut r.em);
+        assert_eq!(ring.used_idx(&mem), 1, "nothing served");
+
+        // Read-only now, read-write then: the guest acked no RO and may write.
+        let mut r = rig(&mem, Block::new(&cfg(&img, true), 0).unwrap());
+        let err = r.t.restore(&s).unwrap_err();
+        assert!(matches!(err, StateError::Mismatch(_)), "{err}");
+        assert!(!r.t.is_activated());
+
+        // Another kind of state, straight into the device.
+        let mut blk = Block::new(&cfg(&img, false), 0).unwrap();
+        assert!(matches!(
+            blk.restore_state(&DeviceSnapshot::Rng {}),
+            Err(StateError::Kind { .. })
+        ));
+    }
+
+    #[test]
+    fn rings_outside_guest_memory_are_refused() {
+        let mem = memory();
+        let img = image(&pattern(SECTORS as usize * 512));
+        let mut ring = TestRing::new(&mem, 0x1000, 16);
+        let mut s = saved(&mem, &mut ring, &img);
+        s.queues[0].avail_ring = (1 << 20) - 8;
+        let mut r = rig(&mem, Block::new(&cfg(&img, false), 0).unwrap());
+        assert!(matches!(
+            r.t.restore(&s),
+            Err(StateError::Queue { index: 0, .. })
+        ));
+        assert!(!r.t.is_activated());
+    }
+}

@@ -3,7 +3,8 @@
 //!
 //! Three queues: RX (0) holds buffers the guest gives us for packets to it, TX (1) the packets
 //! it sends, the event queue (2) buffers for events (only VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
-//! sent by `reset_connections` after a snapshot restore). The configuration space is the
+//! due after a snapshot restore, see `restore_state`, or after `reset_connections`; sent once
+//! the driver is active and has an event buffer). The configuration space is the
 //! guest's CID (u64, little endian). Every descriptor of a chain is checked first (`chain_ok`:
 //! inside guest memory, not empty, the queue's direction), then virtio-vsock's `VsockPacket`
 //! parses it; a bad chain goes back with used length 0. `packet.rs` has the wire constants,
@@ -30,7 +31,7 @@ use std::sync::Arc;
 
 use crate::kvm::memory::GuestMemoryMmap;
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
 use virtio_vsock::packet::VsockPacket;
 use vm_memory::{GuestMemory, Permissions};
 use vmm_sys_util::eventfd::EventFd;
@@ -41,6 +42,7 @@ use super::{
     ActivateError, ActivateEvent, ActiveQueues, Interrupt, VirtioDevice, TOKEN_ACTIVATE,
     TOKEN_BACKEND, TOKEN_QUEUE0, TYPE_VSOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::devices::state::{DeviceSnapshot, StateError};
 
 pub use self::conn::{Timeouts, BUF_ALLOC};
 pub use self::packet::HOST_CID;
@@ -475,6 +477,43 @@ impl VirtioDevice for Vsock {
         self.active = None;
         self.acked = 0;
         self.reset_event_due = false;
+    }
+
+    fn save_state(&self) -> DeviceSnapshot {
+        DeviceSnapshot::Vsock {
+            cid: self.cid,
+            active: self.active.is_some(),
+        }
+    }
+
+    /// The host sockets of the saved connections belong to the old process: the device starts
+    /// with none, and a driver that was running is sent VIRTIO_VSOCK_EVENT_TRANSPORT_RESET as
+    /// soon as it is active again and has an event buffer, so it drops its sockets too and
+    /// re-reads the CID. The CID must be the configured one (the guest knows it).
+    fn restore_state(&mut self, s: &DeviceSnapshot) -> Result<(), StateError> {
+        let DeviceSnapshot::Vsock { cid, active } = s else {
+            return Err(s.wrong_kind("vsock"));
+        };
+        if *cid != self.cid {
+            return Err(StateError::Mismatch(format!(
+                "vsock guest cid is {} in the configuration, {cid} in the snapshot",
+                self.cid
+            )));
+        }
+        if self.muxer.connection_count() > 0 {
+            self.muxer.reset_all();
+        }
+        self.reset_event_due = *active;
+        Ok(())
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        // RX chains the muxer had nothing for go back at once (`go_to_previous_position`),
+        // event chains are taken only to be used: none is ever held.
+        self.active
+            .iter()
+            .flat_map(|a| [a.rxq.state(), a.txq.state(), a.evq.state()])
+            .collect()
     }
 }
 

@@ -1199,3 +1199,212 @@ fn a_full_host_backlog_refuses_instead_of_blocking() {
     assert_eq!((p.op, p.dst_port), (OP_RST, 777));
     drop(l);
 }
+
+// --- snapshot ---
+
+mod snapshot {
+    use super::*;
+    use crate::devices::state::{DeviceSnapshot, StateError, TransportSnapshot};
+    use crate::devices::virtio::mmio::MmioTransport;
+    use crate::devices::virtio::test_utils::{driver_init, through_json, transport, TestRing};
+
+    /// A test guest whose driver set the device up through a virtio-mmio window (`state`:
+    /// restored from a snapshot instead), on `rings` in `mem` (fresh ones when `None`).
+    fn h_on(
+        mem: Option<&'static GuestMemoryMmap>,
+        rings: Option<(Ring, Ring, Ring)>,
+        cid: u64,
+        state: Option<&TransportSnapshot>,
+    ) -> Result<(H, MmioTransport), StateError> {
+        let dir = TempDir::new();
+        let uds = dir.0.join("v.sock");
+        let mem: &'static GuestMemoryMmap = mem.unwrap_or_else(|| {
+            Box::leak(Box::new(
+                GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap(),
+            ))
+        });
+        let (rx, tx, ev) = rings.unwrap_or_else(|| {
+            (
+                Ring::new(mem, 0x1000),
+                Ring::new(mem, 0x4000),
+                Ring::new(mem, 0x7000),
+            )
+        });
+        let dev = Vsock::new(&VsockConfig {
+            cid: cid as u32,
+            uds: uds.clone(),
+        })
+        .unwrap();
+        let dev = Arc::new(Mutex::new(dev));
+        let mut em = EventManager::<Arc<Mutex<Vsock>>>::new().unwrap();
+        em.add_subscriber(dev.clone());
+        let (mut t, _irq, evts) = transport(dev.clone(), mem);
+        match state {
+            None => {
+                // Same layout as `Ring`: table at base, avail at +0x400, used at +0x800.
+                let rings: Vec<TestRing> = [0x1000, 0x4000, 0x7000]
+                    .iter()
+                    .map(|&b| TestRing::new(mem, b, QSIZE))
+                    .collect();
+                driver_init(&mut t, VIRTIO_F_VERSION_1, &rings);
+            }
+            Some(s) => t.restore(s)?,
+        }
+        let evts = evts.iter().map(|e| e.try_clone().unwrap()).collect();
+        let mut h = H {
+            _dir: dir,
+            uds,
+            mem,
+            rx,
+            tx,
+            ev,
+            dev,
+            em,
+            evts,
+            next_buf: BUF_START,
+        };
+        h.run();
+        Ok((h, t))
+    }
+
+    /// A running device with a host connection, an event buffer and RX buffers from the guest
+    /// and a TX packet not yet taken; the snapshot of it and the guest's rings.
+    fn saved() -> (
+        TransportSnapshot,
+        &'static GuestMemoryMmap,
+        (Ring, Ring, Ring),
+        u64,
+    ) {
+        let (mut h, t) = h_on(None, None, CID, None).unwrap();
+        let (mut s1, hp) = h.host_connect(1);
+        s1.write_all(b"before").unwrap();
+        h.run();
+        let (p, data) = h.recv_one();
+        assert_eq!((p.op, data.as_slice()), (OP_RW, &b"before"[..]));
+        let ev = h.alloc(64);
+        h.mem.write_slice(&[0xaa; 8], GuestAddress(ev)).unwrap();
+        h.ev.push(&[wr(ev, 8)], false);
+        h.kick(EVQ);
+        assert!(h.ev.used().is_empty());
+        h.give_rx(2);
+        assert!(
+            h.recv().is_empty(),
+            "nothing to send: the buffers stay the guest's"
+        );
+        // Paused: the guest queued data for the host that the device has not taken.
+        let a = h.alloc(44 + 5);
+        let mut pkt = Pkt::guest(OP_RW, 1, hp);
+        pkt.len = 5;
+        h.mem.write_slice(&pkt.bytes(), GuestAddress(a)).unwrap();
+        h.mem.write_slice(b"after", GuestAddress(a + 44)).unwrap();
+        h.tx.push(&[rd(a, 44), rd(a + 44, 5)], false);
+        let s = through_json(&t.save());
+        assert_eq!(h.conns(), 1);
+        let H {
+            mem,
+            rx,
+            tx,
+            ev: evr,
+            ..
+        } = h;
+        (s, mem, (rx, tx, evr), ev)
+    }
+
+    #[test]
+    fn restore_starts_without_connections_and_sends_a_transport_reset() {
+        let (s, mem, rings, ev) = saved();
+        assert_eq!(
+            s.device,
+            DeviceSnapshot::Vsock {
+                cid: CID,
+                active: true
+            }
+        );
+        assert_eq!(s.queues[TXQ].next_avail, s.queues[TXQ].next_used);
+
+        // Another process, another host socket path.
+        let (mut h, t) = h_on(Some(mem), Some(rings), CID, Some(&s)).unwrap();
+        assert!(t.is_activated());
+        assert_eq!(h.conns(), 0);
+        let used = h.ev.used();
+        assert_eq!(
+            used.len(),
+            1,
+            "the transport reset went into the waiting buffer"
+        );
+        assert_eq!(used[0].1, 4);
+        let mut e = [0u8; 8];
+        h.mem.read_slice(&mut e, GuestAddress(ev)).unwrap();
+        assert_eq!(
+            e,
+            [0, 0, 0, 0, 0xaa, 0xaa, 0xaa, 0xaa],
+            "EVENT_TRANSPORT_RESET"
+        );
+        assert_eq!(h.stats().events_sent, 1);
+        // The TX packet queued before the snapshot was taken; its connection is gone, so the
+        // guest gets a reset for it in one of the RX buffers given before the snapshot.
+        assert_eq!(h.tx.used().len(), 1);
+        assert_eq!(
+            h.dev.lock().unwrap().queue_states()[TXQ].next_used,
+            s.queues[TXQ].next_used + 1,
+            "the used ring continues"
+        );
+        let got = h.recv();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0.op, OP_RST);
+        // New connections work.
+        let (_s2, _) = h.host_connect(2);
+    }
+
+    #[test]
+    fn the_event_waits_for_a_buffer_and_a_driver_that_was_not_running_gets_none() {
+        let (mut s, mem, rings, _) = saved();
+        // Use up the event buffer so none is waiting at restore.
+        s.queues[EVQ].next_avail = s.queues[EVQ].next_avail.wrapping_add(1);
+        s.queues[EVQ].next_used = s.queues[EVQ].next_used.wrapping_add(1);
+        let (mut h, _t) = h_on(Some(mem), Some(rings), CID, Some(&s)).unwrap();
+        assert_eq!(h.stats().events_sent, 0);
+        let ev = h.alloc(8);
+        h.ev.push(&[wr(ev, 4)], false);
+        h.kick(EVQ);
+        assert_eq!(
+            h.stats().events_sent,
+            1,
+            "sent once the guest gives a buffer"
+        );
+
+        let dir = TempDir::new();
+        let mut dev = Vsock::new(&VsockConfig {
+            cid: CID as u32,
+            uds: dir.0.join("x.sock"),
+        })
+        .unwrap();
+        dev.restore_state(&DeviceSnapshot::Vsock {
+            cid: CID,
+            active: false,
+        })
+        .unwrap();
+        assert!(!dev.reset_event_due);
+    }
+
+    #[test]
+    fn another_cid_or_kind_is_refused() {
+        let (s, mem, rings, _) = saved();
+        let err = h_on(Some(mem), Some(rings), CID + 1, Some(&s))
+            .err()
+            .unwrap();
+        assert!(matches!(err, StateError::Mismatch(_)), "{err}");
+        assert!(err.to_string().contains('3') && err.to_string().contains('4'));
+
+        let dir = TempDir::new();
+        let mut dev = Vsock::new(&VsockConfig {
+            cid: CID as u32,
+            uds: dir.0.join("k.sock"),
+        })
+        .unwrap();
+        assert!(matches!(
+            dev.restore_state(&DeviceSnapshot::Rng {}),
+            Err(StateError::Kind { .. })
+        ));
+    }
+}
