@@ -6,7 +6,7 @@
 //! memory → vCPUs created after the irqchip (so each gets an in-kernel LAPIC), configured, and
 //! started paused on their threads.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::Cursor;
 use std::sync::{Arc, Mutex};
 
@@ -28,7 +28,8 @@ use crate::devices::{Bus, BusDevice, BusError};
 use crate::exit::ExitSignal;
 use crate::kvm::vcpu::{ExitCounters, Vcpu, VcpuError};
 use crate::kvm::{self, memory::MemoryError, KvmError};
-use crate::vmm::{VmParts, Vmm, VmmError};
+use crate::snapshot::StateFile;
+use crate::vmm::{Restored, VmParts, Vmm, VmmError};
 
 /// Errors building a VM; each names the stage that failed.
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +82,22 @@ pub enum BuildError {
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
     #[error(transparent)]
     Vmm(#[from] VmmError),
+    #[error("the snapshot does not fit its configuration")]
+    Snapshot(#[source] SnapshotMismatch),
+    #[error("cannot restore the state of {name}")]
+    DeviceState {
+        name: String,
+        #[source]
+        source: crate::devices::state::StateError,
+    },
+    #[error("cannot restore the vCPU or VM state")]
+    ArchState(#[from] arch::state::StateError),
 }
+
+/// How a snapshot disagrees with the configuration it is restored with.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SnapshotMismatch(pub String);
 
 fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
     move |source| BuildError::KvmCall { what, source }
@@ -98,6 +114,72 @@ pub fn build_with_console(
     config: &VmConfig,
     console: Option<SerialOut>,
 ) -> Result<Vmm, BuildError> {
+    assemble(config, console, None)
+}
+
+/// A snapshot to restore: its checked state file and its memory file (the full image).
+pub struct RestoreSource {
+    pub state: StateFile,
+    pub memory: File,
+}
+
+/// Restores a snapshot into a new VM, paused. `config` is the snapshot's configuration with
+/// the caller's overrides (TAP names, vsock socket, console) applied; everything that must
+/// match the saved state (vCPUs, memory size, devices) is checked before any VM exists.
+pub fn restore(
+    config: &VmConfig,
+    source: RestoreSource,
+    console: Option<SerialOut>,
+) -> Result<Vmm, BuildError> {
+    assemble(config, console, Some(source))
+}
+
+/// Everything in a snapshot that must agree with the host and with `config`, checked before
+/// KVM is touched.
+fn check_restorable(
+    config: &VmConfig,
+    src: &RestoreSource,
+    supported: &[kvm_bindings::kvm_cpuid_entry2],
+) -> Result<(), BuildError> {
+    let body = &src.state.body;
+    let h = &src.state.header;
+    let mismatch = |what: String| BuildError::Snapshot(SnapshotMismatch(what));
+    if body.vcpus.len() != config.machine.vcpus as usize
+        || body
+            .vcpus
+            .iter()
+            .enumerate()
+            .any(|(i, v)| usize::from(v.id) != i)
+    {
+        return Err(mismatch(format!(
+            "it holds {} vCPU states for {} vCPUs",
+            body.vcpus.len(),
+            config.machine.vcpus
+        )));
+    }
+    let bytes = config.machine.mem_mib.saturating_mul(1 << 20);
+    let regions: Vec<(u64, u64)> = layout::ram_regions(bytes)
+        .map_err(MemoryError::from)?
+        .into_iter()
+        .map(|(a, l)| (a.0, l as u64))
+        .collect();
+    if h.memory.size != bytes || h.memory.regions != regions {
+        return Err(mismatch(format!(
+            "its memory layout ({} bytes in {:?}) is not that of a {} MiB guest",
+            h.memory.size, h.memory.regions, config.machine.mem_mib
+        )));
+    }
+    if let Some(v) = body.vcpus.first() {
+        arch::state::check_cpu(&v.cpuid, &h.host_cpu.vendor, supported)?;
+    }
+    Ok(())
+}
+
+fn assemble(
+    config: &VmConfig,
+    console: Option<SerialOut>,
+    restore: Option<RestoreSource>,
+) -> Result<Vmm, BuildError> {
     config.validate()?;
     let stdin_input = console.is_none() && config.console == ConsoleConfig::Stdio;
     let console = match console {
@@ -108,11 +190,20 @@ pub fn build_with_console(
     let kvm = kvm::open()?;
     arch::check_kvm(&kvm)?;
     log::info!("KVM: {}", kvm::kvm_kind());
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_call("reading the supported CPUID"))?;
+    if let Some(src) = &restore {
+        check_restorable(config, src, cpuid.as_slice())?;
+    }
     let vm = kvm.create_vm().map_err(kvm_call("creating the VM"))?;
     arch::configure_vm(&vm)?;
 
-    let mem = kvm::memory::create(config.machine.mem_mib)?;
-    kvm::memory::register(&vm, &mem)?;
+    let mem = match &restore {
+        None => kvm::memory::create(config.machine.mem_mib)?,
+        Some(src) => kvm::memory::create_from_file(config.machine.mem_mib, &src.memory)?,
+    };
+    kvm::memory::register_with(&vm, &mem, config.machine.track_dirty_pages)?;
 
     let exit = Arc::new(ExitSignal::new().map_err(BuildError::EventFd)?);
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
@@ -164,6 +255,97 @@ pub fn build_with_console(
 
     let vcpu_count =
         u8::try_from(config.machine.vcpus).map_err(|_| ConfigError::Vcpus(config.machine.vcpus))?;
+    let msrs: Arc<[u32]> = arch::state::msrs_to_save(&kvm)?.into();
+    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+    let counters = Arc::new(ExitCounters::default());
+    let vcpu = |id: u8, fd| {
+        Vcpu::new(
+            id,
+            fd,
+            pio.clone(),
+            mmio.clone(),
+            exit.clone(),
+            counters.clone(),
+            msrs.clone(),
+        )
+    };
+    let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
+
+    if let Some(src) = restore {
+        let body = &src.state.body;
+        // The VM's interrupt controllers and PIT, then each vCPU (its LAPIC among it), then the
+        // devices (their queues live in the restored memory).
+        arch::state::restore_vm(&vm, &body.vm)?;
+        for (id, saved) in (0..vcpu_count).zip(&body.vcpus) {
+            let fd = vm
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_call("creating a vcpu"))?;
+            arch::state::restore_vcpu(&fd, saved)?;
+            vcpus.push(vcpu(id, fd).start()?);
+        }
+        // Devices last: restoring them may raise interrupts, which must land in the restored
+        // interrupt controllers. The kvmclock goes back on resume.
+        if body.devices.len() != virtio.transports.len() {
+            return Err(BuildError::Snapshot(SnapshotMismatch(format!(
+                "it holds {} virtio devices, the configuration {}",
+                body.devices.len(),
+                virtio.transports.len()
+            ))));
+        }
+        for ((name, saved), (here, t)) in body.devices.iter().zip(&virtio.transports) {
+            if name != here {
+                return Err(BuildError::Snapshot(SnapshotMismatch(format!(
+                    "its device {name} is {here} in the configuration"
+                ))));
+            }
+            t.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .restore(saved)
+                .map_err(|source| BuildError::DeviceState {
+                    name: name.clone(),
+                    source,
+                })?;
+        }
+        serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(&body.serial)
+            .map_err(|source| BuildError::DeviceState {
+                name: "serial".into(),
+                source,
+            })?;
+        i8042
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(&body.i8042)
+            .map_err(|source| BuildError::DeviceState {
+                name: "i8042".into(),
+                source,
+            })?;
+        let restored = Restored {
+            clock: body.vm.clock,
+            snapshot_id: src.state.header.id.clone(),
+            memory: src.memory,
+        };
+        let mut vmm = Vmm::new(VmParts {
+            config: config.clone(),
+            vm,
+            mem,
+            vcpus,
+            exit,
+            serial,
+            i8042,
+            subscribers: virtio.subscribers,
+            devices: virtio.devices,
+            transports: virtio.transports,
+            balloon,
+            stdin_input,
+            exit_counters: counters,
+        })?;
+        vmm.set_restored(restored);
+        return Ok(vmm);
+    }
+
     let cmdline = join_cmdline(
         &config.boot.effective_cmdline(),
         &format!("{} {root_arg}", virtio.cmdline),
@@ -208,26 +390,12 @@ pub fn build_with_console(
         config.machine.mem_mib
     );
 
-    let cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_call("reading the supported CPUID"))?;
-    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
-    let counters = Arc::new(ExitCounters::default());
-    let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
     for id in 0..vcpu_count {
         let fd = vm
             .create_vcpu(u64::from(id))
             .map_err(kvm_call("creating a vcpu"))?;
         arch::configure_vcpu(&fd, id, vcpu_count, &setup, &cpuid)?;
-        let vcpu = Vcpu::new(
-            id,
-            fd,
-            pio.clone(),
-            mmio.clone(),
-            exit.clone(),
-            counters.clone(),
-        );
-        vcpus.push(vcpu.start()?);
+        vcpus.push(vcpu(id, fd).start()?);
     }
 
     Ok(Vmm::new(VmParts {
@@ -240,6 +408,7 @@ pub fn build_with_console(
         i8042,
         subscribers: virtio.subscribers,
         devices: virtio.devices,
+        transports: virtio.transports,
         balloon,
         stdin_input,
         exit_counters: counters,
@@ -255,6 +424,7 @@ struct VirtioSlots {
     cmdline: String,
     subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     devices: Vec<(String, SharedDevice)>,
+    transports: Vec<(String, Arc<Mutex<MmioTransport>>)>,
 }
 
 impl VirtioSlots {
@@ -265,6 +435,7 @@ impl VirtioSlots {
             cmdline: String::new(),
             subscribers: Vec::new(),
             devices: Vec::new(),
+            transports: Vec::new(),
         }
     }
 
@@ -302,17 +473,19 @@ impl VirtioSlots {
             queue_evts.push(Arc::new(evt));
         }
         let shared: SharedDevice = dev.clone();
-        self.devices.push((name, shared.clone()));
+        self.devices.push((name.clone(), shared.clone()));
         let transport = MmioTransport::new(
             shared,
             mem.clone(),
             Arc::new(Interrupt::new(irqfd)),
             queue_evts,
         );
+        let transport = Arc::new(Mutex::new(transport));
+        self.transports.push((name, transport.clone()));
         self.bus.insert(
             addr,
             layout::VIRTIO_MMIO_WINDOW,
-            BusDevice::Virtio(Arc::new(Mutex::new(transport))),
+            BusDevice::Virtio(transport),
         )?;
         self.cmdline
             .push_str(&format!(" virtio_mmio.device=4K@{addr:#x}:{irq}"));

@@ -17,6 +17,8 @@ Examples:
   ledge run --kernel bzImage --cmdline 'console=ttyS0 reboot=k panic=1' --console file:/tmp/con
   ledge run --config-file vm.json --vcpus 4   a config file, with one value overridden
   ledge export-probe probe.elf                write the probe guest for other VMMs
+  ledge snapshot create --api-sock /tmp/l.sock --snapshot vm.snap --mem vm.mem --pause
+  ledge restore --snapshot vm.snap --mem vm.mem --api-sock /tmp/l2.sock
   ledge --api-sock /tmp/ledge.sock            wait for configuration over the API (Firecracker style)
   ledge --api-sock /tmp/l.sock --config-file vm.json   boot from a Firecracker config, serve the API";
 
@@ -57,6 +59,115 @@ pub enum Command {
         /// Where to write the ELF.
         path: PathBuf,
     },
+    /// Snapshots: create one through a running VM's API socket, merge a diff, inspect a file.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Restore a snapshot in a new process and run it (in the foreground, or serving the API).
+    Restore(Box<RestoreArgs>),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Ask the VM behind --api-sock for a snapshot (the VM must be paused, or use --pause).
+    Create {
+        /// The VM's API socket.
+        #[arg(long, value_name = "PATH")]
+        api_sock: PathBuf,
+        /// The state file to write.
+        #[arg(long, value_name = "PATH")]
+        snapshot: PathBuf,
+        /// The memory file to write.
+        #[arg(long, value_name = "PATH")]
+        mem: PathBuf,
+        /// Full (all memory) or diff (pages written since the last snapshot; needs
+        /// track_dirty_pages).
+        #[arg(long = "type", value_name = "TYPE", default_value = "full",
+              value_parser = ["full", "diff"])]
+        kind: String,
+        /// Pause the VM first and resume it afterwards.
+        #[arg(long)]
+        pause: bool,
+    },
+    /// Apply a diff snapshot's memory onto its base memory file, in place.
+    Merge {
+        /// The base memory file (a Full snapshot's, or already merged up to the diff's parent).
+        #[arg(long, value_name = "PATH")]
+        base: PathBuf,
+        /// The diff's memory file.
+        #[arg(long, value_name = "PATH")]
+        diff: PathBuf,
+        /// The diff's state file.
+        #[arg(long, value_name = "PATH")]
+        diff_snapshot: PathBuf,
+    },
+    /// Check a state file and print its header as JSON.
+    Info {
+        /// The state file.
+        path: PathBuf,
+    },
+}
+
+/// `ledge restore` flags: the snapshot/load request, from the command line.
+#[derive(Debug, Default, Args)]
+pub struct RestoreArgs {
+    /// The state file.
+    #[arg(long, value_name = "PATH")]
+    pub snapshot: PathBuf,
+    /// The memory file (for a Diff snapshot: its base with the diffs merged in).
+    #[arg(long, value_name = "PATH")]
+    pub mem: PathBuf,
+    /// Serve the control API on this socket instead of running in the foreground only.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+    /// Give a restored network interface another TAP: IFACE_ID=TAP (repeatable).
+    #[arg(long = "net-override", value_name = "ID=TAP")]
+    pub net_overrides: Vec<String>,
+    /// Give the restored vsock device another host socket path.
+    #[arg(long, value_name = "PATH")]
+    pub vsock_override: Option<PathBuf>,
+    /// Keep logging dirty pages, for later Diff snapshots.
+    #[arg(long)]
+    pub track_dirty_pages: bool,
+    /// Leave the VM paused (only useful with --api-sock).
+    #[arg(long, requires = "api_sock")]
+    pub paused: bool,
+    /// Guest console (COM1): stdio, off or file:PATH [default: stdio].
+    #[arg(long, value_name = "WHERE")]
+    pub console: Option<ConsoleConfig>,
+}
+
+impl RestoreArgs {
+    /// The equivalent `PUT /snapshot/load` body.
+    pub fn to_load_params(&self) -> Result<crate::api::types::SnapshotLoadParams, String> {
+        use crate::api::types::{
+            MemBackend, MemBackendType, NetworkOverride, SnapshotLoadParams, VsockOverride,
+        };
+        let mut network_overrides = Vec::new();
+        for o in &self.net_overrides {
+            let Some((id, tap)) = o.split_once('=') else {
+                return Err(format!("--net-override {o:?}: write it as IFACE_ID=TAP"));
+            };
+            network_overrides.push(NetworkOverride {
+                iface_id: id.to_string(),
+                host_dev_name: tap.to_string(),
+            });
+        }
+        Ok(SnapshotLoadParams {
+            snapshot_path: self.snapshot.display().to_string(),
+            mem_file_path: None,
+            mem_backend: Some(MemBackend {
+                backend_type: MemBackendType::File,
+                backend_path: self.mem.display().to_string(),
+            }),
+            enable_diff_snapshots: false,
+            track_dirty_pages: self.track_dirty_pages,
+            resume_vm: !self.paused,
+            network_overrides,
+            vsock_override: self.vsock_override.as_ref().map(|p| VsockOverride {
+                uds_path: p.display().to_string(),
+            }),
+        })
+    }
 }
 
 /// `ledge run` flags; each one maps onto one `VmConfig` field.

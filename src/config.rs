@@ -369,6 +369,9 @@ pub struct MachineConfig {
     pub vcpus: u32,
     #[serde(default = "default_mem_mib")]
     pub mem_mib: u64,
+    /// Log the pages the guest writes, so Diff snapshots can save only those.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
 }
 
 fn default_vcpus() -> u32 {
@@ -384,6 +387,7 @@ impl Default for MachineConfig {
         MachineConfig {
             vcpus: default_vcpus(),
             mem_mib: default_mem_mib(),
+            track_dirty_pages: false,
         }
     }
 }

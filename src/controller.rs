@@ -156,6 +156,34 @@ fn json(v: serde_json::Value) -> Reply {
     Ok(Response::Json(v))
 }
 
+fn refuse_load(e: &dyn std::error::Error) -> ApiError {
+    ApiError::bad_request(format!("cannot load the snapshot: {}", error_chain(e)))
+}
+
+/// Reads and checks a snapshot for `PUT /snapshot/load` (or `ledge restore`): the state file,
+/// its memory file, and the snapshot's configuration with the request's overrides and the
+/// given console. Nothing is created yet.
+pub fn prepare_restore(
+    p: &types::SnapshotLoadParams,
+    console: &crate::config::ConsoleConfig,
+) -> Result<(VmConfig, crate::builder::RestoreSource), ApiError> {
+    let mem_path = p.memory_path()?;
+    let file = crate::snapshot::read_state(std::path::Path::new(&p.snapshot_path))
+        .map_err(|e| refuse_load(&e))?;
+    let memory =
+        crate::snapshot::open_memory(&mem_path, &file.header).map_err(|e| refuse_load(&e))?;
+    let mut config = file.body.config.clone();
+    config.console = console.clone();
+    p.apply_overrides(&mut config)?;
+    Ok((
+        config,
+        crate::builder::RestoreSource {
+            state: file,
+            memory,
+        },
+    ))
+}
+
 fn route_name(r: &Request) -> String {
     let s = format!("{r:?}");
     s.split(['(', ' ', '{']).next().unwrap_or("?").to_string()
@@ -212,7 +240,35 @@ impl Controller {
 
     /// Builds and starts the VM from the configuration assembled so far.
     pub fn boot(&mut self) -> Result<(), ControllerError> {
-        let mut vmm = crate::builder::build_with_console(&self.config, self.console.take())?;
+        let vmm = crate::builder::build_with_console(&self.config, self.console.take())?;
+        self.install(vmm)?;
+        if let Some(vmm) = self.vmm.as_mut() {
+            vmm.start()?;
+        }
+        Ok(())
+    }
+
+    /// Restores a snapshot (pre-boot only): the VM comes back paused, or running with
+    /// `resume`. `config` is the snapshot's, with the caller's overrides.
+    pub fn restore(
+        &mut self,
+        config: VmConfig,
+        source: crate::builder::RestoreSource,
+        resume: bool,
+    ) -> Result<(), ControllerError> {
+        let vmm = crate::builder::restore(&config, source, self.console.take())?;
+        self.config = config;
+        self.install(vmm)?;
+        if resume {
+            if let Some(vmm) = self.vmm.as_mut() {
+                vmm.resume()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes over a built VM: API requests and the stop event wake its event loop.
+    fn install(&mut self, mut vmm: Vmm) -> Result<(), ControllerError> {
         let wake = self
             .requests
             .event()
@@ -225,7 +281,6 @@ impl Controller {
                 .map_err(|e| ControllerError::Build(BuildError::EventFd(e)))?;
             vmm.stop_on(t);
         }
-        vmm.start()?;
         self.vmm = Some(vmm);
         Ok(())
     }
@@ -398,7 +453,66 @@ impl Controller {
             }
             R::PutLogger(l) => self.put_logger(l.clone()).map(|()| Response::NoContent),
             R::PutMetrics(m) => self.put_metrics(m.clone()).map(|()| Response::NoContent),
+            R::CreateSnapshot(p) => self.create_snapshot(p),
+            R::LoadSnapshot(p) => self.load_snapshot(p),
         }
+    }
+
+    fn create_snapshot(&mut self, p: &types::SnapshotCreateParams) -> Reply {
+        let state = self.state();
+        if state != VmState::Paused {
+            return Err(ApiError::bad_request(format!(
+                "a snapshot needs a paused VM and this one is {state}: PATCH /vm {{\"state\": \"Paused\"}} first"
+            )));
+        }
+        if let Some(v) = p.version.as_deref() {
+            if v != env!("CARGO_PKG_VERSION") {
+                return Err(ApiError::unsupported(
+                    "version",
+                    format!("Ledge writes one snapshot format, which every later Ledge reads; leave version out (got {v:?})"),
+                ));
+            }
+        }
+        let vmm = self.running_vmm("creating a snapshot")?;
+        let r = vmm
+            .snapshot(
+                std::path::Path::new(&p.snapshot_path),
+                std::path::Path::new(&p.mem_file_path),
+                p.snapshot_type,
+            )
+            .map_err(|e| {
+                ApiError::bad_request(format!("cannot create the snapshot: {}", error_chain(&e)))
+            })?;
+        log::info!(
+            "snapshot {} ({:?}) written in {:?}: {} bytes of memory, {} bytes of state",
+            r.id,
+            r.kind,
+            r.duration,
+            r.memory_bytes_written,
+            r.state_bytes
+        );
+        Ok(Response::NoContent)
+    }
+
+    /// `PUT /snapshot/load`, also for `ledge restore --api-sock`.
+    pub fn load_snapshot(&mut self, p: &types::SnapshotLoadParams) -> Reply {
+        let state = self.state();
+        if state != VmState::NotStarted {
+            return Err(ApiError::wrong_state("loading a snapshot", state));
+        }
+        let pristine = VmConfig {
+            console: self.config.console.clone(),
+            ..VmConfig::default()
+        };
+        if self.config != pristine {
+            return Err(ApiError::bad_request(
+                "a snapshot loads only into a fresh process, before any boot configuration (machine, boot source, drives, interfaces, vsock, entropy, balloon): start a new process for it",
+            ));
+        }
+        let (config, source) = prepare_restore(p, &self.config.console)?;
+        self.restore(config, source, p.resume_vm)
+            .map_err(|e| refuse_load(&e))?;
+        Ok(Response::NoContent)
     }
 
     fn put_logger(&mut self, l: types::Logger) -> Result<(), ApiError> {

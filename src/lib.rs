@@ -41,7 +41,8 @@
 //! - `boot`: kernel (vmlinux, bzImage, PVH ELF) and initrd loading, boot parameters;
 //! - `devices`: the buses, the legacy devices (COM1, i8042) and the virtio devices;
 //! - `logger`: the opt-in logger the binary installs (stderr or a file, level at run time);
-//! - `probe`: the embedded probe guest.
+//! - `probe`: the embedded probe guest;
+//! - `snapshot`: the snapshot state-file format, memory files and diff merging.
 //!
 //! resources/ARCHITECTURE.md has the longer version.
 
@@ -57,6 +58,7 @@ pub mod exit;
 pub mod kvm;
 pub mod logger;
 pub mod probe;
+pub mod snapshot;
 pub mod vmm;
 
 pub use builder::build;

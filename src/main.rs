@@ -7,8 +7,10 @@ use std::sync::atomic::{AtomicI32, Ordering};
 
 use anyhow::Context;
 use clap::Parser;
-use ledge::api::ApiServer;
-use ledge::cli::{Cli, Command};
+use std::time::Duration;
+
+use ledge::api::{client, ApiServer};
+use ledge::cli::{Cli, Command, RestoreArgs, SnapshotCommand};
 use ledge::controller::{load_config_file, Controller, LoadedConfig};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -88,6 +90,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("cannot write {}", path.display()))?;
             Ok(ExitCode::SUCCESS)
         }
+        Some(Command::Snapshot(cmd)) => snapshot_command(cmd),
+        Some(Command::Restore(args)) => restore(&cli.id, &args, terminate),
         Some(Command::Run(args)) => {
             let config = args.to_config()?;
             match &args.api_sock {
@@ -125,6 +129,101 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             };
             serve(sock, &cli.id, loaded, cli.config_file.is_some(), terminate)
+        }
+    }
+}
+
+fn snapshot_command(cmd: SnapshotCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        SnapshotCommand::Create {
+            api_sock,
+            snapshot,
+            mem,
+            kind,
+            pause,
+        } => {
+            let api = |method: &str, path: &str, body: String| -> anyhow::Result<()> {
+                let (status, answer) = client::call(
+                    &api_sock,
+                    method,
+                    path,
+                    Some(&body),
+                    Duration::from_secs(600),
+                )?;
+                if !(200..300).contains(&status) {
+                    let msg = serde_json::from_str::<serde_json::Value>(&answer)
+                        .ok()
+                        .and_then(|v| v["fault_message"].as_str().map(str::to_string))
+                        .unwrap_or(answer);
+                    anyhow::bail!("{method} {path}: {status}: {msg}");
+                }
+                Ok(())
+            };
+            if pause {
+                api("PATCH", "/vm", r#"{"state":"Paused"}"#.into())?;
+            }
+            let body = serde_json::json!({
+                "snapshot_path": snapshot,
+                "mem_file_path": mem,
+                "snapshot_type": if kind == "diff" { "Diff" } else { "Full" },
+            });
+            let made = api("PUT", "/snapshot/create", body.to_string());
+            if pause {
+                api("PATCH", "/vm", r#"{"state":"Resumed"}"#.into())?;
+            }
+            made?;
+            Ok(ExitCode::SUCCESS)
+        }
+        SnapshotCommand::Merge {
+            base,
+            diff,
+            diff_snapshot,
+        } => {
+            ledge::snapshot::merge(&base, &diff, &diff_snapshot)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        SnapshotCommand::Info { path } => {
+            let f = ledge::snapshot::read_state(&path)?;
+            let info = serde_json::json!({
+                "format_version": f.format_version,
+                "header": f.header,
+                "vcpus": f.body.vcpus.len(),
+                "devices": f.body.devices.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+                "config": f.body.config,
+            });
+            println!("{}", serde_json::to_string_pretty(&info)?);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `ledge restore`: the snapshot/load request from flags; in the foreground, or serving the API.
+fn restore(id: &str, args: &RestoreArgs, terminate: EventFd) -> anyhow::Result<ExitCode> {
+    let params = args.to_load_params().map_err(|e| anyhow::anyhow!(e))?;
+    let console = args.console.clone().unwrap_or_default();
+    match &args.api_sock {
+        Some(sock) => {
+            let (server, requests) = ApiServer::start(sock, id)?;
+            let config = ledge::VmConfig {
+                console,
+                ..Default::default()
+            };
+            let mut controller = Controller::new(id, config, requests);
+            controller.stop_on(terminate);
+            controller
+                .load_snapshot(&params)
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            let exit = controller.run()?;
+            drop(server);
+            finish(exit, None)
+        }
+        None => {
+            let (config, source) = ledge::controller::prepare_restore(&params, &console)
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            let mut vmm = ledge::builder::restore(&config, source, None)?;
+            vmm.stop_on(terminate);
+            vmm.resume()?;
+            finish(vmm.run()?, Some(&vmm))
         }
     }
 }

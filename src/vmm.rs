@@ -9,21 +9,25 @@
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsFd;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::kvm::memory::GuestMemoryMmap;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::VmFd;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86_64::state::VcpuState;
 use crate::config::VmConfig;
 use crate::devices::legacy::{I8042Error, SerialDevice, I8042};
 use crate::devices::virtio::balloon::Balloon;
-use crate::devices::virtio::mmio::SharedDevice;
+use crate::devices::virtio::mmio::{MmioTransport, SharedDevice};
 use crate::exit::{ExitSignal, VmExit};
 use crate::kvm::vcpu::{ExitCounters, ExitCounts, VcpuCommand, VcpuError, VcpuEvent, VcpuHandle};
+use crate::snapshot::{self, SnapshotType};
 
 /// How long a vCPU may take to answer a command before the VMM gives up on it.
 const VCPU_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -86,6 +90,18 @@ pub enum VmmError {
     CtrlAltDel(#[source] I8042Error),
     #[error("cannot {0} the guest clock")]
     Clock(&'static str, #[source] kvm_ioctls::Error),
+    #[error("a snapshot needs a paused VM and this one is {0}: pause it first (PATCH /vm {{\"state\": \"Paused\"}})")]
+    SnapshotNotPaused(VmState),
+    #[error("a Diff snapshot needs dirty page tracking: set track_dirty_pages in the machine configuration before boot (or when loading the snapshot)")]
+    DiffUntracked,
+    #[error("a Diff snapshot needs an earlier Full snapshot (or a restore) of this VM to be relative to")]
+    DiffWithoutBase,
+    #[error("cannot save the VM state")]
+    ArchState(#[from] crate::arch::x86_64::state::StateError),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error(transparent)]
+    Memory(#[from] crate::kvm::memory::MemoryError),
 }
 
 /// Everything one VM is made of. Built by `builder::build`.
@@ -100,8 +116,13 @@ pub struct Vmm {
     i8042: Arc<Mutex<I8042>>,
     exit_counters: Arc<ExitCounters>,
     devices: Vec<(String, SharedDevice)>,
+    transports: Vec<(String, Arc<Mutex<MmioTransport>>)>,
     balloon: Option<Arc<Mutex<Balloon>>>,
     started: Option<std::time::Instant>,
+    /// The snapshot this VM's memory matches as of now (taken or restored), for Diffs.
+    last_snapshot: Option<String>,
+    /// The memory file a restored VM maps privately: its data is guest memory too.
+    memory_source: Option<File>,
     events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     /// kvmclock when the VM was paused, put back on resume so guest time stands still.
     paused_clock: Option<kvm_bindings::kvm_clock_data>,
@@ -116,6 +137,24 @@ impl std::fmt::Debug for Vmm {
             .field("vcpus", &self.vcpus.len())
             .finish_non_exhaustive()
     }
+}
+
+/// What a finished snapshot wrote.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SnapshotReport {
+    pub id: String,
+    pub kind: SnapshotType,
+    pub memory_bytes_written: u64,
+    pub state_bytes: u64,
+    #[serde(skip)]
+    pub duration: Duration,
+}
+
+/// What the builder hands over for a VM made from a snapshot.
+pub(crate) struct Restored {
+    pub clock: kvm_bindings::kvm_clock_data,
+    pub snapshot_id: String,
+    pub memory: File,
 }
 
 /// The parts the builder hands over.
@@ -133,6 +172,8 @@ pub(crate) struct VmParts {
     pub exit_counters: Arc<ExitCounters>,
     /// Every virtio device by name, for metrics and host-side control.
     pub devices: Vec<(String, SharedDevice)>,
+    /// Every virtio-mmio window, in bus order, for snapshots.
+    pub transports: Vec<(String, Arc<Mutex<MmioTransport>>)>,
     /// The balloon, typed, for the API's live target and statistics.
     pub balloon: Option<Arc<Mutex<Balloon>>>,
     /// Forward the process's stdin to COM1 (console on stdio, no caller-supplied sink).
@@ -162,8 +203,11 @@ impl Vmm {
             i8042: parts.i8042,
             exit_counters: parts.exit_counters,
             devices: parts.devices,
+            transports: parts.transports,
             balloon: parts.balloon,
             started: None,
+            last_snapshot: None,
+            memory_source: None,
             events,
             paused_clock: None,
             vm: parts.vm,
@@ -173,6 +217,140 @@ impl Vmm {
 
     pub fn state(&self) -> VmState {
         self.state
+    }
+
+    /// Marks a VM built from a snapshot: paused, with the saved kvmclock put back on resume.
+    pub(crate) fn set_restored(&mut self, r: Restored) {
+        self.state = VmState::Paused;
+        self.started = Some(std::time::Instant::now());
+        self.paused_clock = Some(r.clock);
+        self.last_snapshot = Some(r.snapshot_id);
+        self.memory_source = Some(r.memory);
+    }
+
+    /// Snapshots the paused VM: devices, then vCPUs, then the VM-level state, then guest
+    /// memory. The memory file is written first and the state file last, each through a
+    /// temporary name, fsync and rename, so a crash leaves the previous snapshot loadable.
+    pub fn snapshot(
+        &mut self,
+        state_path: &Path,
+        mem_path: &Path,
+        kind: SnapshotType,
+    ) -> Result<SnapshotReport, VmmError> {
+        if self.state != VmState::Paused {
+            return Err(VmmError::SnapshotNotPaused(self.state));
+        }
+        let track = self.config.machine.track_dirty_pages;
+        let parent = match kind {
+            SnapshotType::Full => None,
+            SnapshotType::Diff if !track => return Err(VmmError::DiffUntracked),
+            SnapshotType::Diff => Some(
+                self.last_snapshot
+                    .clone()
+                    .ok_or(VmmError::DiffWithoutBase)?,
+            ),
+        };
+        let t0 = std::time::Instant::now();
+        let devices = self
+            .transports
+            .iter()
+            .map(|(n, t)| {
+                (
+                    n.clone(),
+                    t.lock().unwrap_or_else(|e| e.into_inner()).save(),
+                )
+            })
+            .collect();
+        let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner()).save();
+        let i8042 = self.i8042.lock().unwrap_or_else(|e| e.into_inner()).save();
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            vcpus.push(v.save_state(VCPU_ANSWER_TIMEOUT)?);
+        }
+        let clock = match self.paused_clock {
+            Some(c) => c,
+            None => self
+                .vm
+                .get_clock()
+                .map_err(|e| VmmError::Clock("save", e))?,
+        };
+        let vm = crate::arch::x86_64::state::save_vm(&self.vm, clock)?;
+
+        let id = snapshot::new_id();
+        // Tracking: what changed since the last snapshot; a Full only clears the logs, so the
+        // next Diff is relative to it.
+        let dirty = if track {
+            Some(crate::kvm::memory::take_dirty(&self.vm, &self.mem)?)
+        } else {
+            None
+        };
+        let (tag, dirty) = match kind {
+            SnapshotType::Full => (snapshot::full_tag(&id), None),
+            SnapshotType::Diff => (snapshot::diff_tag(&id), dirty.as_deref()),
+        };
+        let (mem_file, written) = snapshot::MemoryWriter::write(
+            mem_path,
+            &self.mem,
+            dirty,
+            self.memory_source.as_ref(),
+            &tag,
+        )?;
+        let host_cpu = crate::arch::x86_64::state::host_cpu(
+            vcpus
+                .first()
+                .map_or(&[][..], |v: &VcpuState| v.cpuid.as_slice()),
+        );
+        let header = snapshot::SnapshotHeader {
+            ledge_version: env!("CARGO_PKG_VERSION").to_string(),
+            id: id.clone(),
+            kind,
+            parent,
+            created_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            host_cpu,
+            kvm_caps: crate::arch::x86_64::REQUIRED_CAPS
+                .iter()
+                .map(|(c, _)| format!("{c:?}"))
+                .collect(),
+            memory: snapshot::MemoryInfo {
+                size: self.mem.iter().map(|r| r.len()).sum(),
+                regions: self
+                    .mem
+                    .iter()
+                    .map(|r| (r.start_addr().0, r.len()))
+                    .collect(),
+                written,
+            },
+        };
+        let body = snapshot::VmSnapshot {
+            config: self.config.clone(),
+            vm,
+            vcpus,
+            serial,
+            i8042,
+            devices,
+        };
+        let staged = snapshot::encode(&header, &body).and_then(|bytes| {
+            snapshot::StagedFile::write(state_path, &bytes).map(|s| (s, bytes.len()))
+        });
+        let (staged, state_bytes) = match staged {
+            Ok(s) => s,
+            Err(e) => {
+                mem_file.abandon();
+                return Err(e.into());
+            }
+        };
+        mem_file.commit()?;
+        staged.commit()?;
+        self.last_snapshot = Some(id.clone());
+        Ok(SnapshotReport {
+            id,
+            kind,
+            memory_bytes_written: written,
+            state_bytes: state_bytes as u64,
+            duration: t0.elapsed(),
+        })
     }
 
     pub fn config(&self) -> &VmConfig {

@@ -371,6 +371,40 @@ fn every_route_parses_to_the_right_request() {
                 metrics_path: "/m".into(),
             }),
         ),
+        (
+            "PUT",
+            "/snapshot/create",
+            Some(r#"{"snapshot_path":"/s","mem_file_path":"/m","snapshot_type":"Diff"}"#),
+            Request::CreateSnapshot(types::SnapshotCreateParams {
+                snapshot_path: "/s".into(),
+                mem_file_path: "/m".into(),
+                snapshot_type: ledge::snapshot::SnapshotType::Diff,
+                version: None,
+            }),
+        ),
+        (
+            "PUT",
+            "/snapshot/load",
+            Some(
+                r#"{"snapshot_path":"/s","mem_backend":{"backend_type":"File","backend_path":"/m"},"resume_vm":true,"network_overrides":[{"iface_id":"n","host_dev_name":"tap9"}]}"#,
+            ),
+            Request::LoadSnapshot(types::SnapshotLoadParams {
+                snapshot_path: "/s".into(),
+                mem_file_path: None,
+                mem_backend: Some(types::MemBackend {
+                    backend_type: types::MemBackendType::File,
+                    backend_path: "/m".into(),
+                }),
+                enable_diff_snapshots: false,
+                track_dirty_pages: false,
+                resume_vm: true,
+                network_overrides: vec![types::NetworkOverride {
+                    iface_id: "n".into(),
+                    host_dev_name: "tap9".into(),
+                }],
+                vsock_override: None,
+            }),
+        ),
     ];
     let mut covered = BTreeSet::new();
     for (method, path, body, want) in cases {

@@ -26,6 +26,7 @@
 //! `{"fault_message": "..."}`. resources/api/ledge-api.json is the OpenAPI description of every
 //! route in [`server::ROUTES`] (a test keeps the two equal).
 
+pub mod client;
 pub mod server;
 pub mod types;
 
@@ -91,6 +92,11 @@ pub enum Request {
     PutLogger(types::Logger),
     /// `PUT /metrics`: any state, once.
     PutMetrics(types::Metrics),
+    /// `PUT /snapshot/create`: Paused only (400 otherwise). Writes the state and memory files.
+    CreateSnapshot(types::SnapshotCreateParams),
+    /// `PUT /snapshot/load`: a fresh process only — NotStarted, before any boot configuration.
+    /// The VM comes back Paused, or Running with `resume_vm`.
+    LoadSnapshot(types::SnapshotLoadParams),
 }
 
 /// A successful answer.

@@ -63,6 +63,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PATCH", "/balloon/statistics"),
     ("PUT", "/logger"),
     ("PUT", "/metrics"),
+    ("PUT", "/snapshot/create"),
+    ("PUT", "/snapshot/load"),
 ];
 
 /// Errors starting the API server.
@@ -362,6 +364,8 @@ pub fn route(method: &str, path: &str, body: Option<&[u8]>) -> Result<Request, A
         ("PATCH", ["balloon", "statistics"]) => json(parse()?).map(R::PatchBalloonStats),
         ("PUT", ["logger"]) => json(parse()?).map(R::PutLogger),
         ("PUT", ["metrics"]) => json(parse()?).map(R::PutMetrics),
+        ("PUT", ["snapshot", "create"]) => json(parse()?).map(R::CreateSnapshot),
+        ("PUT", ["snapshot", "load"]) => json(parse()?).map(R::LoadSnapshot),
         _ => {
             let hint = if known {
                 format!(" (see GET/PUT/PATCH on /{first} in Ledge's API spec)")
@@ -1026,6 +1030,10 @@ mod tests {
             ("PATCH", "/balloon/statistics") => r#"{"stats_polling_interval_s":1}"#,
             (_, "/logger") => r#"{"log_path":"/l"}"#,
             (_, "/metrics") => r#"{"metrics_path":"/m"}"#,
+            (_, "/snapshot/create") => r#"{"snapshot_path":"/s","mem_file_path":"/m"}"#,
+            (_, "/snapshot/load") => {
+                r#"{"snapshot_path":"/s","mem_backend":{"backend_type":"File","backend_path":"/m"}}"#
+            }
             _ => panic!("no example for {method} {path}"),
         })
     }

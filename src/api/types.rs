@@ -164,7 +164,6 @@ pub struct MachineConfigPatch {
 fn check_machine_fields(
     smt: Option<bool>,
     cpu_template: Option<&str>,
-    track_dirty_pages: Option<bool>,
     huge_pages: Option<HugePages>,
 ) -> Result<(), ApiError> {
     if smt == Some(true) {
@@ -177,12 +176,6 @@ fn check_machine_fields(
         return Err(ApiError::unsupported(
             "cpu_template",
             format!("there are no CPU templates (got {t:?}); leave it out or use \"None\""),
-        ));
-    }
-    if track_dirty_pages == Some(true) {
-        return Err(ApiError::unsupported(
-            "track_dirty_pages",
-            "dirty page tracking is not implemented yet; set it to false",
         ));
     }
     if huge_pages.is_some_and(|h| h != HugePages::None) {
@@ -220,7 +213,7 @@ impl MachineConfig {
             mem_size_mib: c.machine.mem_mib,
             smt: false,
             cpu_template: None,
-            track_dirty_pages: false,
+            track_dirty_pages: c.machine.track_dirty_pages,
             huge_pages: HugePages::None,
         }
     }
@@ -231,13 +224,13 @@ impl MachineConfig {
         check_machine_fields(
             Some(self.smt),
             self.cpu_template.as_deref(),
-            Some(self.track_dirty_pages),
             Some(self.huge_pages),
         )?;
         check_sizes(Some(self.vcpu_count), Some(self.mem_size_mib))?;
         commit(c, |c| {
             c.machine.vcpus = u32::from(self.vcpu_count);
             c.machine.mem_mib = self.mem_size_mib;
+            c.machine.track_dirty_pages = self.track_dirty_pages;
             Ok(())
         })
     }
@@ -246,14 +239,12 @@ impl MachineConfig {
 impl MachineConfigPatch {
     /// Pre-boot: changes only the fields given.
     pub fn apply(&self, c: &mut VmConfig) -> Result<(), ApiError> {
-        check_machine_fields(
-            self.smt,
-            self.cpu_template.as_deref(),
-            self.track_dirty_pages,
-            self.huge_pages,
-        )?;
+        check_machine_fields(self.smt, self.cpu_template.as_deref(), self.huge_pages)?;
         check_sizes(self.vcpu_count, self.mem_size_mib)?;
         commit(c, |c| {
+            if let Some(t) = self.track_dirty_pages {
+                c.machine.track_dirty_pages = t;
+            }
             if let Some(n) = self.vcpu_count {
                 c.machine.vcpus = u32::from(n);
             }
@@ -990,10 +981,6 @@ mod tests {
                 "cpu_template",
             ),
             (
-                r#"{"vcpu_count":2,"mem_size_mib":128,"track_dirty_pages":true}"#,
-                "track_dirty_pages",
-            ),
-            (
                 r#"{"vcpu_count":2,"mem_size_mib":128,"huge_pages":"2M"}"#,
                 "huge_pages",
             ),
@@ -1007,6 +994,11 @@ mod tests {
             assert!(e.message.contains(field), "{b}: {e}");
         }
         assert_eq!(c, VmConfig::default(), "a refused request changes nothing");
+        let m: MachineConfig =
+            body(r#"{"vcpu_count":1,"mem_size_mib":128,"track_dirty_pages":true}"#).unwrap();
+        m.apply(&mut c).unwrap();
+        assert!(c.machine.track_dirty_pages);
+        assert!(MachineConfig::from_config(&c).track_dirty_pages);
         let m: MachineConfig =
             body(r#"{"vcpu_count":1,"mem_size_mib":128,"cpu_template":"None","smt":false}"#)
                 .unwrap();
@@ -1222,5 +1214,121 @@ mod tests {
             version_json()["firecracker_version"],
             FIRECRACKER_API_VERSION
         );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Snapshots
+
+/// `PUT /snapshot/create` body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    pub snapshot_path: String,
+    pub mem_file_path: String,
+    #[serde(default)]
+    pub snapshot_type: crate::snapshot::SnapshotType,
+    /// Firecracker's deprecated target version: accepted only when it names no other format.
+    #[serde(default)]
+    pub version: Option<String>,
+}
+
+/// Firecracker's `mem_backend`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackend {
+    pub backend_type: MemBackendType,
+    pub backend_path: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemBackendType {
+    File,
+    Uffd,
+}
+
+/// One entry of `network_overrides`: the TAP a restored interface uses instead.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    pub iface_id: String,
+    pub host_dev_name: String,
+}
+
+/// `vsock_override`: the host socket a restored vsock device uses instead.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    pub uds_path: String,
+}
+
+/// `PUT /snapshot/load` body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadParams {
+    pub snapshot_path: String,
+    #[serde(default)]
+    pub mem_file_path: Option<String>,
+    #[serde(default)]
+    pub mem_backend: Option<MemBackend>,
+    #[serde(default)]
+    pub enable_diff_snapshots: bool,
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    #[serde(default)]
+    pub resume_vm: bool,
+    #[serde(default)]
+    pub network_overrides: Vec<NetworkOverride>,
+    #[serde(default)]
+    pub vsock_override: Option<VsockOverride>,
+}
+
+impl SnapshotLoadParams {
+    /// The memory file: `mem_backend` (File) or the older `mem_file_path`, exactly one.
+    pub fn memory_path(&self) -> Result<std::path::PathBuf, ApiError> {
+        match (&self.mem_backend, &self.mem_file_path) {
+            (Some(_), Some(_)) => Err(ApiError::bad_request(
+                "give either mem_backend or mem_file_path, not both",
+            )),
+            (None, None) => Err(ApiError::bad_request(
+                "the memory file is missing: give mem_backend {\"backend_type\": \"File\", \"backend_path\": ...}",
+            )),
+            (Some(b), None) if b.backend_type == MemBackendType::Uffd => Err(ApiError::unsupported(
+                "mem_backend.backend_type",
+                "Uffd backends are not supported yet; use \"File\" (Ledge maps the file privately, so pages load lazily anyway)",
+            )),
+            (Some(b), None) => Ok(b.backend_path.clone().into()),
+            (None, Some(p)) => Ok(p.clone().into()),
+        }
+    }
+
+    /// The snapshot's configuration with this request's overrides applied.
+    pub fn apply_overrides(&self, c: &mut VmConfig) -> Result<(), ApiError> {
+        for o in &self.network_overrides {
+            let Some(n) = c
+                .nets
+                .iter_mut()
+                .find(|n| n.id.as_deref() == Some(o.iface_id.as_str()))
+            else {
+                return Err(ApiError::bad_request(format!(
+                    "network_overrides: the snapshot has no interface {:?}",
+                    o.iface_id
+                )));
+            };
+            n.tap = o.host_dev_name.clone();
+        }
+        if let Some(v) = &self.vsock_override {
+            match c.vsock.as_mut() {
+                Some(vs) => vs.uds = v.uds_path.clone().into(),
+                None => {
+                    return Err(ApiError::bad_request(
+                        "vsock_override: the snapshot has no vsock device",
+                    ))
+                }
+            }
+        }
+        c.machine.track_dirty_pages = self.track_dirty_pages || self.enable_diff_snapshots;
+        c.validate()
+            .map_err(|e| ApiError::bad_request(format!("after the overrides: {e}")))
     }
 }

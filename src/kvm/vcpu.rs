@@ -24,6 +24,7 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::arch::x86_64::state::{save_vcpu, StateError, VcpuState};
 use crate::devices::Bus;
 use crate::exit::{ExitSignal, VmExit};
 
@@ -40,6 +41,8 @@ pub enum VcpuError {
     Timeout(u8, Duration),
     #[error("cannot signal vcpu {0}")]
     Kick(u8, #[source] vmm_sys_util::errno::Error),
+    #[error("cannot save the state of vcpu {0}")]
+    Save(u8, #[source] crate::arch::x86_64::state::StateError),
 }
 
 /// What the VMM asks of a vCPU thread.
@@ -49,6 +52,8 @@ pub enum VcpuCommand {
     Resume,
     /// Leave `KVM_RUN` and wait for the next command.
     Pause,
+    /// Save the vCPU's state (only while paused); the state comes back on the state channel.
+    SaveState,
     /// Leave the thread.
     Exit,
 }
@@ -58,6 +63,7 @@ pub enum VcpuCommand {
 pub enum VcpuEvent {
     Resumed,
     Paused,
+    Saved,
     Exited,
 }
 
@@ -95,6 +101,7 @@ pub struct VcpuHandle {
     id: u8,
     commands: Sender<VcpuCommand>,
     events: Receiver<VcpuEvent>,
+    states: Receiver<Result<VcpuState, StateError>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -126,6 +133,24 @@ impl VcpuHandle {
             RecvTimeoutError::Timeout => VcpuError::Timeout(self.id, timeout),
             RecvTimeoutError::Disconnected => VcpuError::Gone(self.id),
         })
+    }
+
+    /// Saves the state of this vCPU, which must be paused.
+    pub fn save_state(&self, timeout: Duration) -> Result<VcpuState, VcpuError> {
+        self.commands
+            .send(VcpuCommand::SaveState)
+            .map_err(|_| VcpuError::Gone(self.id))?;
+        match self.wait(timeout)? {
+            VcpuEvent::Saved => {}
+            other => {
+                log::error!("vcpu {} answered {other:?} to SaveState", self.id);
+                return Err(VcpuError::Gone(self.id));
+            }
+        }
+        self.states
+            .recv_timeout(timeout)
+            .map_err(|_| VcpuError::Gone(self.id))?
+            .map_err(|e| VcpuError::Save(self.id, e))
     }
 
     /// Tells the thread to leave and joins it.
@@ -196,6 +221,8 @@ pub struct Vcpu {
     mmio: Arc<Bus>,
     exit: Arc<ExitSignal>,
     counters: Arc<ExitCounters>,
+    /// The MSRs a snapshot saves (KVM's list, read once per VM).
+    msrs: Arc<[u32]>,
 }
 
 /// What one `KVM_RUN` led to.
@@ -228,6 +255,7 @@ impl Vcpu {
         mmio: Arc<Bus>,
         exit: Arc<ExitSignal>,
         counters: Arc<ExitCounters>,
+        msrs: Arc<[u32]>,
     ) -> Self {
         Vcpu {
             id,
@@ -236,6 +264,7 @@ impl Vcpu {
             mmio,
             exit,
             counters,
+            msrs,
         }
     }
 
@@ -245,28 +274,40 @@ impl Vcpu {
         let id = self.id;
         let (cmd_tx, cmd_rx) = channel();
         let (evt_tx, evt_rx) = channel();
+        let (state_tx, state_rx) = channel();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || self.thread_main(cmd_rx, evt_tx))
+            .spawn(move || self.thread_main(cmd_rx, evt_tx, state_tx))
             .map_err(|e| VcpuError::Spawn(id, e))?;
         Ok(VcpuHandle {
             id,
             commands: cmd_tx,
             events: evt_rx,
+            states: state_rx,
             thread: Some(thread),
         })
     }
 
-    fn thread_main(mut self, commands: Receiver<VcpuCommand>, events: Sender<VcpuEvent>) {
+    fn thread_main(
+        mut self,
+        commands: Receiver<VcpuCommand>,
+        events: Sender<VcpuEvent>,
+        states: Sender<Result<VcpuState, StateError>>,
+    ) {
         let run: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN.with(|r| r.set(run));
-        self.serve(&commands, &events);
+        self.serve(&commands, &events, &states);
         KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
         let _ = events.send(VcpuEvent::Exited);
     }
 
     /// The command loop; returns when told to exit or when the VMM side is gone.
-    fn serve(&mut self, commands: &Receiver<VcpuCommand>, events: &Sender<VcpuEvent>) {
+    fn serve(
+        &mut self,
+        commands: &Receiver<VcpuCommand>,
+        events: &Sender<VcpuEvent>,
+        states: &Sender<Result<VcpuState, StateError>>,
+    ) {
         let mut running = false;
         loop {
             let cmd = if running && !self.exit.requested() {
@@ -287,6 +328,12 @@ impl Vcpu {
                 Some(VcpuCommand::Pause) => {
                     running = false;
                     let _ = events.send(VcpuEvent::Paused);
+                    continue;
+                }
+                Some(VcpuCommand::SaveState) => {
+                    // Only the VMM sends this, and only after pausing every vCPU.
+                    let _ = states.send(save_vcpu(&self.fd, self.id, &self.msrs));
+                    let _ = events.send(VcpuEvent::Saved);
                     continue;
                 }
                 Some(VcpuCommand::Resume) => {

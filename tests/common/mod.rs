@@ -2,6 +2,8 @@
 //! the KVM gate (a KVM test fails without /dev/kvm unless LEDGE_SKIP_KVM_TESTS=1 says to skip).
 #![allow(dead_code)]
 
+pub mod vm;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -22,6 +22,7 @@ pub mod layout;
 pub mod mptable;
 pub mod msr;
 pub mod regs;
+pub mod state;
 
 use kvm_bindings::{kvm_pit_config, CpuId, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
