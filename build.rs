@@ -21,6 +21,7 @@ const PROBE_SOURCES: &[&str] = &[
     "blk.rs",
     "net.rs",
     "rng.rs",
+    "dirty.rs",
     "boot.s",
     "probe.ld",
 ];

@@ -435,3 +435,80 @@ pub fn exercise(disk: &mut Disk, p: &Params) {
     put_hex(sum);
     puts("\n");
 }
+
+// --- the count log (`probe.log=blk`) ------------------------------------------------------
+
+/// "LEDGELOG" read as a little-endian u64: bytes 0..8 of every log record.
+pub const LOG_MAGIC: u64 = u64::from_le_bytes(*b"LEDGELOG");
+/// Record words (64-bit little-endian): 0 magic, 1 seq, 2 run id, 3 sector, 4 TSC at write,
+/// 5..63 filler `seq ^ run ^ (i * GOLDEN)`, 63 checksum (FNV-1a-64 over words 0..63).
+const LOG_CHECKSUM_WORD: usize = WORDS_PER_SECTOR - 1;
+
+/// A disk taking one durable record per count.
+pub struct Log {
+    disk: Disk,
+    pub run: u64,
+}
+
+fn log_fail(what: &str, status: Option<u8>) -> ! {
+    puts("log: error=");
+    puts(what);
+    if let Some(s) = status {
+        puts("-");
+        puts(status_name(s));
+    }
+    puts("\n");
+    stop()
+}
+
+impl Log {
+    /// Brings up the virtio-blk device at `base` for the log and prints `log: dev=0 ...
+    /// ready`; a device that cannot be opened, is read-only, is empty or offers no FLUSH
+    /// stops the VM after a `log: error=` line.
+    pub fn open(base: u64, arena: &mut Arena, run: u64) -> Log {
+        let Some(disk) = open(0, base, arena) else { log_fail("init", None) };
+        if disk.ro {
+            log_fail("read-only", None);
+        }
+        if disk.capacity == 0 {
+            log_fail("empty", None);
+        }
+        if !disk.dev.has(F_FLUSH) {
+            log_fail("no-flush", None);
+        }
+        puts("log: dev=0 capacity=");
+        put_dec(disk.capacity);
+        puts(" run=");
+        put_hex(run);
+        puts(" ready\n");
+        Log { disk, run }
+    }
+
+    /// Writes record `seq` into sector `seq % capacity`, then FLUSH; returns once the
+    /// device reported both done (the record is on the host's disk).
+    pub fn record(&mut self, seq: u64) {
+        let sector = seq % self.disk.capacity;
+        let w = words_mut(self.disk.slots[0].data, WORDS_PER_SECTOR);
+        w[0] = LOG_MAGIC;
+        w[1] = seq;
+        w[2] = self.run;
+        w[3] = sector;
+        w[4] = rdtsc();
+        for (i, x) in w.iter_mut().enumerate().take(LOG_CHECKSUM_WORD).skip(5) {
+            *x = seq ^ self.run ^ (i as u64).wrapping_mul(GOLDEN);
+        }
+        let mut h = FNV_BASIS;
+        for &x in &w[..LOG_CHECKSUM_WORD] {
+            h = (h ^ x).wrapping_mul(FNV_PRIME);
+        }
+        w[LOG_CHECKSUM_WORD] = h;
+        let st = self.disk.one(0, T_OUT, sector, SECTOR, false);
+        if st != S_OK {
+            log_fail("write", Some(st));
+        }
+        let st = self.disk.one(0, T_FLUSH, 0, 0, false);
+        if st != S_OK {
+            log_fail("flush", Some(st));
+        }
+    }
+}

@@ -11,6 +11,7 @@
 #![no_main]
 
 mod blk;
+mod dirty;
 mod net;
 mod rng;
 mod smp;
@@ -47,6 +48,8 @@ const COUNT_DELAY: u64 = 30_000_000;
 const ARENA_ALIGN: u64 = 1 << 20;
 /// Without a memory map, assume this much RAM past the image.
 const ARENA_DEFAULT: u64 = 16 << 20;
+/// `probe=dirty` without `probe.dirty-mib=`.
+const DIRTY_DEFAULT_MIB: u64 = 16;
 /// `probe=blk` drives at most this many disks.
 const MAX_DISKS: usize = 8;
 
@@ -476,6 +479,7 @@ enum Mode {
     Blk,
     NetEcho,
     Rng,
+    Dirty,
 }
 
 /// A numeric `key=N` from the command line.
@@ -530,6 +534,90 @@ fn first_of(virtio: &[Option<Virtio>], id: u32) -> Option<u64> {
     virtio.iter().flatten().find(|v| v.device_id == id).map(|v| v.addr)
 }
 
+/// `probe=count` and `probe=dirty`: `count: <n>` lines forever, with the options of README.md
+/// (`probe.log=blk`, `probe.net=echo`; `probe.dirty-mib=` and the COM1 commands in dirty mode).
+fn counter(boot: &BootInfo, virtio: &[Option<Virtio>], dirty_mode: bool) -> ! {
+    let cmdline = boot.cmdline();
+    // Tells records of different boots apart; a restored snapshot keeps it.
+    let run = rdtsc() | 1;
+    let mut arena = None;
+    let mut log = None;
+    match param(cmdline, b"probe.log=") {
+        None => {}
+        Some(b"blk") => match first_of(virtio, virtio::ID_BLOCK) {
+            Some(addr) => {
+                let mem = arena.get_or_insert_with(|| device_arena(boot));
+                log = Some(blk::Log::open(addr, mem, run));
+            }
+            None => {
+                puts("log: error=no-device\n");
+                stop()
+            }
+        },
+        Some(other) => {
+            puts("probe: unknown probe.log=");
+            put_bytes(other);
+            puts("\n");
+        }
+    }
+    let mut echo = None;
+    match param(cmdline, b"probe.net=") {
+        None => {}
+        Some(b"echo") => match first_of(virtio, virtio::ID_NET) {
+            Some(addr) => {
+                let mem = arena.get_or_insert_with(|| device_arena(boot));
+                echo = Some(net::Echo::open(addr, mem));
+            }
+            None => {
+                puts("net: error=no-device\n");
+                stop()
+            }
+        },
+        Some(other) => {
+            puts("probe: unknown probe.net=");
+            put_bytes(other);
+            puts("\n");
+        }
+    }
+    let mut dirty = None;
+    if dirty_mode {
+        let mib = num_param(cmdline, b"probe.dirty-mib=").unwrap_or(DIRTY_DEFAULT_MIB);
+        let mem = arena.get_or_insert_with(|| device_arena(boot));
+        dirty = Some(dirty::Dirty::start(mem, mib));
+    }
+
+    let mut n = 0u64;
+    let mut keys = CtrlAltDel::default();
+    loop {
+        // The record is on the host's disk before its line is printed.
+        if let Some(l) = log.as_mut() {
+            l.record(n);
+        }
+        puts("count: ");
+        put_dec(n);
+        puts("\n");
+        n += 1;
+        if keys.poll() {
+            puts("probe: ctrl-alt-del\n");
+            stop()
+        }
+        if let Some(d) = dirty.as_mut() {
+            for _ in 0..16 {
+                let Some(c) = uart::getc() else { break };
+                d.command(c);
+            }
+        }
+        let start = rdtsc();
+        while rdtsc().wrapping_sub(start) < COUNT_DELAY {
+            if let Some(e) = echo.as_mut() {
+                // STOP frames are dropped here: the counter does not end.
+                let _ = e.poll(u64::MAX);
+            }
+            core::hint::spin_loop();
+        }
+    }
+}
+
 #[no_mangle]
 pub extern "C" fn probe_main(start_info: u64) -> ! {
     build_idt();
@@ -548,6 +636,7 @@ pub extern "C" fn probe_main(start_info: u64) -> ! {
         Some(b"blk") => Mode::Blk,
         Some(b"net-echo") => Mode::NetEcho,
         Some(b"rng") => Mode::Rng,
+        Some(b"dirty") => Mode::Dirty,
         Some(other) => {
             puts("probe: unknown mode ");
             put_bytes(other);
@@ -563,6 +652,7 @@ pub extern "C" fn probe_main(start_info: u64) -> ! {
         Mode::Blk => "blk",
         Mode::NetEcho => "net-echo",
         Mode::Rng => "rng",
+        Mode::Dirty => "dirty",
     });
     puts("\n");
 
@@ -727,24 +817,7 @@ pub extern "C" fn probe_main(start_info: u64) -> ! {
                 stop()
             }
         },
-        Mode::Count => {
-            let mut n = 0u64;
-            let mut keys = CtrlAltDel::default();
-            loop {
-                puts("count: ");
-                put_dec(n);
-                puts("\n");
-                n += 1;
-                if keys.poll() {
-                    puts("probe: ctrl-alt-del\n");
-                    stop()
-                }
-                let start = rdtsc();
-                while rdtsc().wrapping_sub(start) < COUNT_DELAY {
-                    core::hint::spin_loop();
-                }
-            }
-        }
+        Mode::Count | Mode::Dirty => counter(&boot, &virtio[..nvirtio], mode == Mode::Dirty),
         Mode::TripleFault => {
             puts("probe: triple-fault now\n");
             // SAFETY: int 0x81 is a DPL-3 gate that triple-faults the vCPU.

@@ -11,7 +11,7 @@
 //! echo has been sent.
 
 use crate::uart::{put_bytes, put_dec, puts};
-use crate::virtio::{bytes_mut, Arena, Buf, Device, F_VERSION_1, MAX_QUEUE, WAIT_CYCLES};
+use crate::virtio::{bytes_mut, Arena, Buf, Device, Virtq, F_VERSION_1, MAX_QUEUE, WAIT_CYCLES};
 use crate::{rdtsc, stop};
 
 const F_MAC: u64 = 1 << 5;
@@ -46,118 +46,162 @@ fn put_mac(mac: &[u8; 6]) {
     put_bytes(&s);
 }
 
-/// Echoes frames on the virtio-net device at `base` until told to stop; never returns.
-pub fn run(base: u64, mut arena: Arena, max_frames: u64) -> ! {
-    let d = Device::init(base, WANTED_FEATURES).unwrap_or_else(|e| fail(e.name()));
-    let mut mac = [0u8; 6];
-    if d.has(F_MAC) {
-        d.mmio.config(0, &mut mac);
+/// A live virtio-net device echoing frames: the buffer pool, which buffer each in-flight
+/// chain carries, and the totals.
+pub struct Echo {
+    d: Device,
+    rx: Virtq,
+    tx: Virtq,
+    bufs: u64,
+    rx_buf: [u16; MAX_QUEUE as usize],
+    tx_buf: [u16; MAX_QUEUE as usize],
+    pub echoed: u64,
+    pub bytes: u64,
+    /// TSC when the first frame came in (0: none yet).
+    pub t0: u64,
+}
+
+impl Echo {
+    /// Brings up the virtio-net device at `base`, posts every receive buffer and prints the
+    /// `net: dev=0 ... ready` line; on failure prints `net: error=` and stops the VM.
+    pub fn open(base: u64, arena: &mut Arena) -> Echo {
+        let d = Device::init(base, WANTED_FEATURES).unwrap_or_else(|e| fail(e.name()));
+        let mut mac = [0u8; 6];
+        if d.has(F_MAC) {
+            d.mmio.config(0, &mut mac);
+        }
+        let rx = d.queue(0, QUEUE_WANT, arena).unwrap_or_else(|e| fail(e.name()));
+        let tx = d.queue(1, QUEUE_WANT, arena).unwrap_or_else(|e| fail(e.name()));
+        d.driver_ok().unwrap_or_else(|e| fail(e.name()));
+        let pool = rx.size.min(tx.size);
+        let pool_bytes = u64::from(pool) * u64::from(BUF_LEN);
+        let bufs = arena.alloc(pool_bytes, 4096).unwrap_or_else(|| fail("no-memory"));
+        let mut e = Echo {
+            d,
+            rx,
+            tx,
+            bufs,
+            rx_buf: [NONE; MAX_QUEUE as usize],
+            tx_buf: [NONE; MAX_QUEUE as usize],
+            echoed: 0,
+            bytes: 0,
+            t0: 0,
+        };
+        for b in 0..pool {
+            e.post(b);
+        }
+        e.rx.kick();
+
+        puts("net: dev=0 mac=");
+        put_mac(&mac);
+        puts(" features=");
+        crate::uart::put_hex(e.d.features);
+        puts(" rx_queue=");
+        put_dec(u64::from(e.rx.size));
+        puts(" tx_queue=");
+        put_dec(u64::from(e.tx.size));
+        puts(" buffers=");
+        put_dec(u64::from(pool));
+        puts(" ready\n");
+        e
     }
-    let mut rx = d.queue(0, QUEUE_WANT, &mut arena).unwrap_or_else(|e| fail(e.name()));
-    let mut tx = d.queue(1, QUEUE_WANT, &mut arena).unwrap_or_else(|e| fail(e.name()));
-    d.driver_ok().unwrap_or_else(|e| fail(e.name()));
 
-    let pool = rx.size.min(tx.size);
-    let bufs = arena.alloc(u64::from(pool) * u64::from(BUF_LEN), 4096).unwrap_or_else(|| fail("no-memory"));
-    let buf_addr = |b: u16| bufs + u64::from(b) * u64::from(BUF_LEN);
-    // Which pool buffer each in-flight chain (by head descriptor) carries.
-    let mut rx_buf = [NONE; MAX_QUEUE as usize];
-    let mut tx_buf = [NONE; MAX_QUEUE as usize];
-    for b in 0..pool {
-        let head = rx.add(&[Buf::wo(buf_addr(b), BUF_LEN)]).unwrap_or_else(|| fail("rx-queue-full"));
-        rx_buf[usize::from(head)] = b;
+    fn buf_addr(&self, b: u16) -> u64 {
+        self.bufs + u64::from(b) * u64::from(BUF_LEN)
     }
-    rx.kick();
 
-    puts("net: dev=0 mac=");
-    put_mac(&mac);
-    puts(" features=");
-    crate::uart::put_hex(d.features);
-    puts(" rx_queue=");
-    put_dec(u64::from(rx.size));
-    puts(" tx_queue=");
-    put_dec(u64::from(tx.size));
-    puts(" buffers=");
-    put_dec(u64::from(pool));
-    puts(" ready\n");
+    /// Gives pool buffer `b` to the device for receiving (without notifying).
+    fn post(&mut self, b: u16) {
+        let buf = Buf::wo(self.buf_addr(b), BUF_LEN);
+        let h = self.rx.add(&[buf]).unwrap_or_else(|| fail("rx-queue-full"));
+        self.rx_buf[usize::from(h)] = b;
+    }
 
-    let mut echoed = 0u64;
-    let mut bytes = 0u64;
-    let mut t0 = 0u64;
-    let mut stopping = false;
-    loop {
+    /// One pass: sent buffers go back to receiving, then received frames (at most `budget`
+    /// of them) go out again. Returns true once a STOP frame came in (it is not echoed).
+    pub fn poll(&mut self, budget: u64) -> bool {
         // Sent buffers go back to the device for receiving.
         let mut reposted = false;
-        while let Some((head, _)) = tx.pop_used() {
-            let b = core::mem::replace(&mut tx_buf[usize::from(head)], NONE);
+        while let Some((head, _)) = self.tx.pop_used() {
+            let b = core::mem::replace(&mut self.tx_buf[usize::from(head)], NONE);
             if b == NONE {
                 fail("tx-unknown-head");
             }
-            let h = rx.add(&[Buf::wo(buf_addr(b), BUF_LEN)]).unwrap_or_else(|| fail("rx-queue-full"));
-            rx_buf[usize::from(h)] = b;
+            self.post(b);
             reposted = true;
-        }
-        if reposted {
-            rx.kick();
-        }
-        if stopping || echoed >= max_frames {
-            break;
         }
 
         // Received frames go straight out again.
         let mut sent = false;
-        while let Some((head, len)) = rx.pop_used() {
-            let b = core::mem::replace(&mut rx_buf[usize::from(head)], NONE);
+        let mut stop = false;
+        let mut left = budget;
+        while left > 0 {
+            let Some((head, len)) = self.rx.pop_used() else { break };
+            let b = core::mem::replace(&mut self.rx_buf[usize::from(head)], NONE);
             if b == NONE {
                 fail("rx-unknown-head");
             }
-            if t0 == 0 {
-                t0 = rdtsc();
+            if self.t0 == 0 {
+                self.t0 = rdtsc();
             }
             let len = (len as usize).min(BUF_LEN as usize);
-            let buf = bytes_mut(buf_addr(b), len);
+            let buf = bytes_mut(self.buf_addr(b), len);
             if len <= HDR_LEN || is_stop(&buf[HDR_LEN..]) {
-                stopping |= len > HDR_LEN;
-                let h = rx.add(&[Buf::wo(buf_addr(b), BUF_LEN)]).unwrap_or_else(|| fail("rx-queue-full"));
-                rx_buf[usize::from(h)] = b;
+                stop |= len > HDR_LEN;
+                self.post(b);
                 reposted = true;
-                if stopping {
+                if stop {
                     break;
                 }
                 continue;
             }
             buf[..HDR_LEN].fill(0);
-            let h = tx.add(&[Buf::ro(buf_addr(b), len as u32)]).unwrap_or_else(|| fail("tx-queue-full"));
-            tx_buf[usize::from(h)] = b;
+            let out = Buf::ro(self.buf_addr(b), len as u32);
+            let h = self.tx.add(&[out]).unwrap_or_else(|| fail("tx-queue-full"));
+            self.tx_buf[usize::from(h)] = b;
             sent = true;
-            echoed += 1;
-            bytes += (len - HDR_LEN) as u64;
-            if echoed >= max_frames {
-                break;
-            }
+            self.echoed += 1;
+            self.bytes += (len - HDR_LEN) as u64;
+            left -= 1;
         }
         if sent {
-            tx.kick();
+            self.tx.kick();
         }
         if reposted {
-            rx.kick();
+            self.rx.kick();
         }
-        core::hint::spin_loop();
+        stop
     }
 
-    // Let every echo leave before the VM stops.
-    let start = rdtsc();
-    while tx.in_flight() > 0 && rdtsc().wrapping_sub(start) < WAIT_CYCLES {
-        let _ = tx.pop_used();
+    /// Waits (bounded) until every echo has been sent, then resets the device.
+    pub fn finish(&mut self) {
+        let start = rdtsc();
+        while self.tx.in_flight() > 0 && rdtsc().wrapping_sub(start) < WAIT_CYCLES {
+            let _ = self.tx.pop_used();
+        }
+        self.d.mmio.reset();
     }
-    let cycles = if t0 == 0 { 0 } else { rdtsc().wrapping_sub(t0) };
-    d.mmio.reset();
+}
+
+/// Echoes frames on the virtio-net device at `base` until told to stop; never returns.
+pub fn run(base: u64, mut arena: Arena, max_frames: u64) -> ! {
+    let mut e = Echo::open(base, &mut arena);
+    let mut stopping = false;
+    while !stopping && e.echoed < max_frames {
+        stopping = e.poll(max_frames - e.echoed);
+        core::hint::spin_loop();
+    }
+    // Buffers of echoes sent go back to receiving, then every echo leaves before the VM
+    // stops.
+    e.poll(0);
+    e.finish();
+    let cycles = if e.t0 == 0 { 0 } else { rdtsc().wrapping_sub(e.t0) };
     puts("net: echoed=");
-    put_dec(echoed);
+    put_dec(e.echoed);
     puts(" cycles=");
     put_dec(cycles);
     puts(" bytes=");
-    put_dec(bytes);
+    put_dec(e.bytes);
     puts(if stopping { " end=stop\n" } else { " end=count\n" });
     stop()
 }

@@ -42,6 +42,16 @@ pub fn init() {
     outb(COM1 + 3, 0x03); // LCR: 8N1, DLAB off
 }
 
+/// A byte COM1 received, if one is waiting (LSR.DR); never blocks.
+pub fn getc() -> Option<u8> {
+    let lsr = inb(COM1 + 5);
+    // No UART (the port floats to all-ones) or nothing received.
+    if lsr == 0xff || lsr & 1 == 0 {
+        return None;
+    }
+    Some(inb(COM1))
+}
+
 pub fn put_bytes(bytes: &[u8]) {
     for chunk in bytes.chunks(OUT_BUF) {
         serial_write(chunk);

@@ -149,14 +149,25 @@ impl Arena {
 
     /// `size` zeroed bytes aligned to `align` (a power of two), or None if RAM ran out.
     pub fn alloc(&mut self, size: u64, align: u64) -> Option<u64> {
+        let start = self.take(size, align)?;
+        bytes_mut(start, size as usize).fill(0);
+        Some(start)
+    }
+
+    /// Like `alloc`, but the memory is left as it is (for buffers the caller fills anyway).
+    pub fn take(&mut self, size: u64, align: u64) -> Option<u64> {
         let start = self.next.checked_add(align - 1)? & !(align - 1);
         let end = start.checked_add(size)?;
         if end > self.end {
             return None;
         }
         self.next = end;
-        bytes_mut(start, size as usize).fill(0);
         Some(start)
+    }
+
+    /// What is left: `[next, end)`.
+    pub fn free(&self) -> (u64, u64) {
+        (self.next, self.end.max(self.next))
     }
 }
 
