@@ -16,6 +16,7 @@
 
 mod common;
 
+use common::probe_io::Tap;
 use common::vm::*;
 
 use std::io::{ErrorKind, Write};
@@ -314,7 +315,7 @@ fn every_endpoint_through_a_whole_lifecycle() {
     );
 
     // Network interface on a TAP (root only).
-    let tap = Tap::create(T);
+    let tap = Tap::try_create(T);
     if let Some(tap) = &tap {
         let net = |id: &str, mac: &str| {
             json!({"iface_id": id, "host_dev_name": tap.0, "guest_mac": mac}).to_string()

@@ -1,7 +1,8 @@
 //! Device tests on the real /dev/kvm: the probe guest's own polling virtio drivers
-//! (`probe=rng`, `probe=blk`, `probe=net-echo`; resources/guests/probe/README.md) against
-//! Ledge's virtio-rng, virtio-blk and virtio-net, with the host checking the other side: the
-//! disk image byte for byte, the frames echoed back through a TAP.
+//! (`probe=rng`, `probe=blk`, `probe=net-echo`, `probe=count` with `probe.log=blk` and
+//! `probe.net=echo`; resources/guests/probe/README.md) against Ledge's virtio-rng, virtio-blk
+//! and virtio-net, with the host checking the other side: the disk image byte for byte (or
+//! record by record), the frames echoed back through a TAP.
 //!
 //! Every device must be there: a probe report without the expected virtio device fails the
 //! test. The net test needs root (it creates a TAP) and prints `SKIPPED` otherwise. Times are
@@ -10,13 +11,11 @@
 mod common;
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{ledge, ledge_bin, require_kvm, scratch, Output};
+use common::probe_io::*;
+use common::{ledge, require_kvm, scratch, Guest, Output};
 
 const LIMIT: Duration = Duration::from_secs(180);
 
@@ -100,11 +99,6 @@ fn probe_rng_reads_entropy() {
 }
 
 // --- virtio-blk ----------------------------------------------------------------------------
-
-const SECTOR: usize = 512;
-const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
-const FNV_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
 /// What `probe=blk` writes: word i of sector s (see blk.rs).
 fn pattern_sector(s: u64, seed: u64) -> [u8; SECTOR] {
@@ -377,273 +371,128 @@ fn probe_blk_disk_after_another_was_reset() {
     let _ = fs::remove_dir_all(dir);
 }
 
+// --- the count log (probe=count probe.log=blk) ---------------------------------------------
+
+/// The printed `count: N` lines of a run: they must be 0, 1, 2, ... in order.
+fn printed_counts(seen: &[String]) -> Vec<u64> {
+    let counts: Vec<u64> = seen
+        .iter()
+        .filter_map(|l| l.strip_prefix("count: "))
+        .map(|n| n.parse().unwrap())
+        .collect();
+    for (i, &n) in counts.iter().enumerate() {
+        assert_eq!(n, i as u64, "count lines out of order: {counts:?}");
+    }
+    counts
+}
+
+/// Checks the log on the host after the VMM is gone: every printed count N has its record
+/// (this run's id, sequence N or a later one of the same sector, at most the one after the
+/// last printed count, which may have been in flight) in sector N mod capacity; sectors no
+/// printed count reached hold either what was there before or that in-flight record.
+fn check_log(img: &Path, before: &[u8], run: u64, counts: &[u64]) {
+    let data = fs::read(img).unwrap();
+    assert_eq!(data.len(), before.len(), "the image changed size");
+    let cap = (data.len() / SECTOR) as u64;
+    let last = *counts.last().expect("no count line printed");
+    for s in 0..cap {
+        let sec = &data[s as usize * SECTOR..][..SECTOR];
+        // The newest printed count that lands here, if any.
+        let newest = (s <= last).then(|| s + (last - s) / cap * cap);
+        match parse_record(sec) {
+            Some(r) => {
+                assert_eq!(r.run, run, "sector {s}: record of another run: {r:?}");
+                assert_eq!(
+                    r.sector, s,
+                    "sector {s}: record names another sector: {r:?}"
+                );
+                assert_eq!(r.seq % cap, s, "sector {s}: wrong sector for {r:?}");
+                assert!(
+                    r.seq <= last + 1,
+                    "sector {s}: record {} but the last count printed was {last}",
+                    r.seq
+                );
+                if let Some(n) = newest {
+                    assert!(
+                        r.seq >= n,
+                        "sector {s}: count {n} was printed but the record is {}",
+                        r.seq
+                    );
+                }
+            }
+            None => {
+                assert!(
+                    newest.is_none(),
+                    "sector {s}: count {} was printed but its record is missing or corrupt",
+                    newest.unwrap()
+                );
+                assert!(
+                    sec == &before[s as usize * SECTOR..][..SECTOR],
+                    "sector {s}: neither a record nor the original content"
+                );
+            }
+        }
+    }
+    println!(
+        "count log: {} counts printed (last {last}), {cap} sectors, every printed record intact",
+        counts.len()
+    );
+}
+
+/// The `run=` of the `log: dev=0 ... ready` line.
+fn wait_log_ready(guest: &mut Guest, cap: u64) -> u64 {
+    let Some(l) = guest.wait_line(&["log: "], Duration::from_secs(60)) else {
+        panic!("the guest never opened its log: {:?}", guest.seen);
+    };
+    assert!(l.starts_with("log: dev=0 ") && l.ends_with(" ready"), "{l}");
+    assert_eq!(num(&l, "capacity"), cap, "{l}");
+    num(&l, "run")
+}
+
+/// Counts with the disk log on a small disk (the log wraps around it twice): after the VMM is
+/// SIGKILLed, every count the guest printed has its record on the host file.
+#[test]
+fn probe_count_logs_every_count_to_disk() {
+    let test = "probe_count_logs_every_count_to_disk";
+    if !require_kvm(test) {
+        return;
+    }
+    let dir = scratch(test);
+    let img = dir.join("log.img");
+    let len = 64 << 10; // 128 sectors
+    let before = junk_image(&img, len, 8);
+    let disk = format!("path={}", img.display());
+    let mut guest = Guest::spawn(&[
+        "run",
+        "--console",
+        "stdio",
+        "--disk",
+        &disk,
+        "--cmdline",
+        "probe=count probe.log=blk",
+    ]);
+    let run = wait_log_ready(&mut guest, (len / SECTOR) as u64);
+    let t0 = Instant::now();
+    let want = 2 * (len / SECTOR) as u64 + 20;
+    let Some(_) = guest.wait_line(&[&format!("count: {want}")], Duration::from_secs(120)) else {
+        panic!("count {want} not reached: {:?}", guest.seen.last());
+    };
+    let dt = t0.elapsed().as_secs_f64();
+    guest.kill_and_drain();
+    let counts = printed_counts(&guest.seen);
+    println!(
+        "{want} logged counts in {dt:.2} s = {:.0} counts/s (each a write + FLUSH)",
+        want as f64 / dt
+    );
+    check_log(&img, &before, run, &counts);
+    let _ = fs::remove_dir_all(dir);
+}
+
 // --- virtio-net ----------------------------------------------------------------------------
 
-const ETHERTYPE: u16 = 0x88b5;
-const GUEST_MAC: [u8; 6] = [0x02, 0x4c, 0x45, 0x44, 0x47, 0x01];
-const HOST_MAC: [u8; 6] = [0x02, 0x4c, 0x45, 0x44, 0x47, 0x02];
 const FRAMES: u32 = 10_000;
 /// Frames in flight at once: well below the guest's 256 receive buffers.
 const WINDOW: u32 = 64;
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn ip(args: &[&str]) -> bool {
-    Command::new("ip")
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-/// A TAP interface created for one test and deleted when dropped.
-struct Tap(String);
-
-impl Tap {
-    fn create(name: &str) -> Tap {
-        let _ = ip(&["link", "del", name]);
-        assert!(
-            ip(&["tuntap", "add", "dev", name, "mode", "tap"]),
-            "ip tuntap add {name}"
-        );
-        let tap = Tap(name.to_string());
-        // No IPv6 chatter from the host kernel: the guest would echo it too.
-        let _ = fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
-        assert!(ip(&["link", "set", name, "up"]), "ip link set {name} up");
-        tap
-    }
-}
-
-impl Drop for Tap {
-    fn drop(&mut self) {
-        let _ = ip(&["link", "del", &self.0]);
-    }
-}
-
-/// A `ledge run` whose console lines arrive as they are printed.
-struct Guest {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Guest {
-    fn spawn(args: &[&str]) -> Guest {
-        let mut child = Command::new(ledge_bin())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn ledge");
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                println!("guest| {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Guest {
-            child,
-            lines: rx,
-            seen: Vec::new(),
-        }
-    }
-
-    /// The first line starting with one of `prefixes`, within `limit`.
-    fn wait_line(&mut self, prefixes: &[&str], limit: Duration) -> Option<String> {
-        let end = Instant::now() + limit;
-        loop {
-            let left = end.checked_duration_since(Instant::now())?;
-            let line = self.lines.recv_timeout(left).ok()?;
-            self.seen.push(line.clone());
-            if prefixes.iter().any(|p| line.starts_with(p)) {
-                return Some(line);
-            }
-        }
-    }
-
-    fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
-        let end = Instant::now() + limit;
-        while Instant::now() < end {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return st.code();
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        None
-    }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// An AF_PACKET socket bound to one interface, for EtherType 0x88b5 only.
-struct RawSocket {
-    fd: libc::c_int,
-    ifindex: libc::c_int,
-}
-
-impl RawSocket {
-    fn bind(ifname: &str) -> RawSocket {
-        let proto = ETHERTYPE.to_be();
-        // SAFETY: plain socket(2) call; the fd is owned by RawSocket.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, libc::c_int::from(proto)) };
-        assert!(
-            fd >= 0,
-            "AF_PACKET socket: {}",
-            std::io::Error::last_os_error()
-        );
-        let name = std::ffi::CString::new(ifname).unwrap();
-        // SAFETY: name is a valid C string.
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as libc::c_int;
-        assert!(ifindex > 0, "no interface {ifname}");
-        let s = RawSocket { fd, ifindex };
-        let addr = s.addr();
-        // SAFETY: addr is a valid sockaddr_ll of the size given.
-        let r = unsafe {
-            libc::bind(
-                fd,
-                &addr as *const libc::sockaddr_ll as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(
-            r,
-            0,
-            "bind to {ifname}: {}",
-            std::io::Error::last_os_error()
-        );
-        s
-    }
-
-    fn addr(&self) -> libc::sockaddr_ll {
-        // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
-        let mut a: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        a.sll_family = libc::AF_PACKET as u16;
-        a.sll_protocol = ETHERTYPE.to_be();
-        a.sll_ifindex = self.ifindex;
-        a
-    }
-
-    fn send(&self, frame: &[u8]) {
-        // SAFETY: frame is a valid buffer of frame.len() bytes.
-        let n = unsafe { libc::send(self.fd, frame.as_ptr().cast(), frame.len(), 0) };
-        assert_eq!(
-            n,
-            frame.len() as isize,
-            "send: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-
-    /// The next frame that came in on the interface (not one sent from this host), within
-    /// `limit`; None on timeout.
-    fn recv(&self, buf: &mut [u8], limit: Duration) -> Option<usize> {
-        let end = Instant::now() + limit;
-        loop {
-            let left = end.checked_duration_since(Instant::now())?;
-            let mut pfd = libc::pollfd {
-                fd: self.fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: pfd is one valid pollfd.
-            let r = unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as libc::c_int) };
-            if r <= 0 {
-                if r < 0
-                    && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
-                {
-                    continue;
-                }
-                return None;
-            }
-            // SAFETY: as in addr().
-            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut flen = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-            // SAFETY: buf and from are valid for the lengths given.
-            let n = unsafe {
-                libc::recvfrom(
-                    self.fd,
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    0,
-                    &mut from as *mut libc::sockaddr_ll as *mut libc::sockaddr,
-                    &mut flen,
-                )
-            };
-            assert!(n >= 0, "recvfrom: {}", std::io::Error::last_os_error());
-            if from.sll_pkttype == libc::PACKET_OUTGOING {
-                continue;
-            }
-            return Some(n as usize);
-        }
-    }
-}
-
-impl Drop for RawSocket {
-    fn drop(&mut self) {
-        // SAFETY: fd is ours.
-        unsafe { libc::close(self.fd) };
-    }
-}
-
-/// Frame `seq`: 60..=1514 bytes, to the guest, EtherType 0x88b5, payload = seq, length,
-/// filler from seq, and an FNV-1a-32 of all that at the end.
-fn test_frame(seq: u32) -> Vec<u8> {
-    let len = 60 + (seq as usize * 7919) % (1514 - 60 + 1);
-    let mut f = Vec::with_capacity(len);
-    f.extend_from_slice(&GUEST_MAC);
-    f.extend_from_slice(&HOST_MAC);
-    f.extend_from_slice(&ETHERTYPE.to_be_bytes());
-    f.extend_from_slice(&seq.to_le_bytes());
-    f.extend_from_slice(&(len as u16).to_le_bytes());
-    let mut x = seq.wrapping_mul(2_654_435_761) | 1;
-    while f.len() < len - 4 {
-        x ^= x << 13;
-        x ^= x >> 17;
-        x ^= x << 5;
-        f.push(x as u8);
-    }
-    let sum = f[14..].iter().fold(0x811c_9dc5u32, |h, &b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    });
-    f.extend_from_slice(&sum.to_le_bytes());
-    f
-}
-
-fn stop_frame() -> Vec<u8> {
-    let mut f = Vec::new();
-    f.extend_from_slice(&GUEST_MAC);
-    f.extend_from_slice(&HOST_MAC);
-    f.extend_from_slice(&ETHERTYPE.to_be_bytes());
-    f.extend_from_slice(b"STOP");
-    f.resize(60, 0);
-    f
-}
-
-/// Describes what came back instead of frame `seq`.
-fn describe(got: &[u8]) -> String {
-    if got.len() >= 20 && got[12..14] == ETHERTYPE.to_be_bytes() {
-        let seq = u32::from_le_bytes(got[14..18].try_into().unwrap());
-        format!("{} bytes claiming seq {seq}", got.len())
-    } else {
-        format!("{} bytes, not a test frame", got.len())
-    }
-}
-
 #[test]
 fn probe_net_echoes_frames_through_a_tap() {
     let test = "probe_net_echoes_frames_through_a_tap";
@@ -730,4 +579,114 @@ fn probe_net_echoes_frames_through_a_tap() {
     );
     drop(guest);
     drop(tap);
+}
+
+/// Counting with the disk log and the net echo at once: frames come back unchanged while the
+/// counter runs (a STOP frame does not end it), and the log is intact afterwards.
+#[test]
+fn probe_count_with_log_and_net_echo() {
+    let test = "probe_count_with_log_and_net_echo";
+    if !require_kvm(test) {
+        return;
+    }
+    if !is_root() {
+        println!("[{test}] SKIPPED: needs root to create a TAP interface and an AF_PACKET socket");
+        return;
+    }
+    let dir = scratch(test);
+    let img = dir.join("log.img");
+    let len = 1 << 20;
+    let before = junk_image(&img, len, 9);
+    let disk = format!("path={}", img.display());
+    let name = format!("lpc{}", std::process::id() % 1_000_000);
+    let tap = Tap::create(&name);
+    let mac = GUEST_MAC
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    let net = format!("tap={},mac={mac}", tap.0);
+    let mut guest = Guest::spawn(&[
+        "run",
+        "--console",
+        "stdio",
+        "--disk",
+        &disk,
+        "--net",
+        &net,
+        "--cmdline",
+        "probe=count probe.log=blk probe.net=echo",
+    ]);
+    let run = wait_log_ready(&mut guest, (len / SECTOR) as u64);
+    let Some(ready) = guest.wait_line(&["net: "], Duration::from_secs(60)) else {
+        panic!(
+            "the guest never brought up its net device: {:?}",
+            guest.seen
+        );
+    };
+    assert!(
+        ready.starts_with("net: dev=0 ") && ready.ends_with(" ready"),
+        "{ready}"
+    );
+    assert_eq!(field(&ready, "mac"), mac, "{ready}");
+    let Some(first) = guest.wait_line(&["count: "], Duration::from_secs(30)) else {
+        panic!("no count line: {:?}", guest.seen);
+    };
+
+    const N: u32 = 2000;
+    const WIN: u32 = 16;
+    let sock = RawSocket::bind(&tap.0);
+    let mut buf = vec![0u8; 65536];
+    let (mut sent, mut got) = (0u32, 0u32);
+    let t0 = Instant::now();
+    while got < N {
+        while sent < N && sent - got < WIN {
+            if sent == N / 2 {
+                // Not echoed, and the counter goes on.
+                sock.send(&stop_frame());
+            }
+            sock.send(&test_frame(sent));
+            sent += 1;
+        }
+        let Some(n) = sock.recv(&mut buf, Duration::from_secs(10)) else {
+            panic!("no echo of frame {got} within 10 s ({sent} sent)");
+        };
+        let want = test_frame(got);
+        assert!(
+            buf[..n] == want[..],
+            "echo {got}: expected {} bytes unchanged, got {}",
+            want.len(),
+            describe(&buf[..n])
+        );
+        got += 1;
+    }
+    let dt = t0.elapsed().as_secs_f64();
+    println!(
+        "count + echo: {N} frames echoed in {dt:.3} s = {:.0} frames/s while counting",
+        f64::from(N) / dt
+    );
+    // The counter kept going during and after the echoes.
+    let n0: u64 = first.strip_prefix("count: ").unwrap().parse().unwrap();
+    let later = format!("count: {}", n0 + 20);
+    assert!(
+        guest
+            .wait_line(&[&later], Duration::from_secs(60))
+            .is_some(),
+        "the counter stopped: {:?}",
+        guest.seen.last()
+    );
+    assert!(
+        sock.recv(&mut buf, Duration::from_millis(300)).is_none(),
+        "something came back after the last echo (the STOP frame?)"
+    );
+    guest.kill_and_drain();
+    assert!(
+        !guest.seen.iter().any(|l| l.starts_with("net: echoed=")),
+        "STOP must not end the count mode"
+    );
+    let counts = printed_counts(&guest.seen);
+    check_log(&img, &before, run, &counts);
+    drop(guest);
+    drop(tap);
+    let _ = fs::remove_dir_all(dir);
 }

@@ -2,11 +2,13 @@
 //! the KVM gate (a KVM test fails without /dev/kvm unless LEDGE_SKIP_KVM_TESTS=1 says to skip).
 #![allow(dead_code)]
 
+pub mod probe_io;
 pub mod vm;
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// The kind of KVM this test runs on, printed so every test log says it.
@@ -144,4 +146,104 @@ pub fn require_guest_artifacts(needed: &[&str]) -> Option<PathBuf> {
         "guest artifacts missing in {}: run tools/build-guest.sh (or set LEDGE_SKIP_LAB_TESTS=1)",
         g.display()
     );
+}
+
+/// A `ledge` process whose console lines (stdout) arrive as they are printed; stderr goes to
+/// the test's. Killed (SIGKILL) when dropped.
+pub struct Guest {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    stdin: Option<ChildStdin>,
+    /// Every line received so far, in order.
+    pub seen: Vec<String>,
+}
+
+impl Guest {
+    /// `ledge ARGS` with stdin from /dev/null.
+    pub fn spawn(args: &[&str]) -> Guest {
+        Guest::start(args, false)
+    }
+
+    /// `ledge ARGS` with stdin a pipe the test writes with `send` (`ledge run --console
+    /// stdio` forwards it to COM1).
+    pub fn spawn_with_stdin(args: &[&str]) -> Guest {
+        Guest::start(args, true)
+    }
+
+    fn start(args: &[&str], stdin: bool) -> Guest {
+        let mut child = Command::new(ledge_bin())
+            .args(args)
+            .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn ledge");
+        let out = child.stdout.take().unwrap();
+        let stdin = child.stdin.take();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                println!("guest| {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Guest {
+            child,
+            lines: rx,
+            stdin,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Writes `bytes` to the process's stdin (spawn_with_stdin only).
+    pub fn send(&mut self, bytes: &[u8]) {
+        let stdin = self.stdin.as_mut().expect("spawned without a stdin pipe");
+        stdin.write_all(bytes).expect("write to ledge's stdin");
+        stdin.flush().expect("flush ledge's stdin");
+    }
+
+    /// The first line starting with one of `prefixes`, within `limit`.
+    pub fn wait_line(&mut self, prefixes: &[&str], limit: Duration) -> Option<String> {
+        let end = Instant::now() + limit;
+        loop {
+            let left = end.checked_duration_since(Instant::now())?;
+            let line = self.lines.recv_timeout(left).ok()?;
+            self.seen.push(line.clone());
+            if prefixes.iter().any(|p| line.starts_with(p)) {
+                return Some(line);
+            }
+        }
+    }
+
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let end = Instant::now() + limit;
+        while Instant::now() < end {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    /// SIGKILLs the process, waits for it, and takes every line it printed before dying
+    /// into `seen`.
+    pub fn kill_and_drain(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.stdin = None;
+        // The reader thread sees EOF once the process is gone and drops its sender.
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(10)) {
+            self.seen.push(line);
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -508,50 +508,6 @@ pub fn field(line: &str, key: &str) -> u64 {
     }
 }
 
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-pub fn ip(args: &[&str]) -> bool {
-    Command::new("ip")
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// A TAP interface for one test, deleted on drop.
-pub struct Tap(pub String);
-
-impl Tap {
-    /// None (with the reason printed) when one cannot be made here.
-    pub fn create(test: &str) -> Option<Tap> {
-        if !is_root() {
-            println!("[{test}] NOTE: not root: the network-interface part is skipped");
-            return None;
-        }
-        let name = format!("lgav{}", std::process::id() % 100_000);
-        let _ = ip(&["link", "del", &name]);
-        if !ip(&["tuntap", "add", "dev", &name, "mode", "tap"]) {
-            println!(
-                "[{test}] NOTE: `ip tuntap add` failed: the network-interface part is skipped"
-            );
-            return None;
-        }
-        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
-        let _ = ip(&["link", "set", &name, "up"]);
-        Some(Tap(name))
-    }
-}
-
-impl Drop for Tap {
-    fn drop(&mut self) {
-        let _ = ip(&["link", "del", &self.0]);
-    }
-}
-
 pub fn image(path: &Path, bytes: u64) -> String {
     let f = std::fs::File::create(path).unwrap();
     f.set_len(bytes).unwrap();
