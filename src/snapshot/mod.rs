@@ -198,6 +198,37 @@ fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.ledge-tmp.{}", std::process::id()))
 }
 
+/// Removes temporary files a killed Ledge left next to `path` (their writer's pid is gone).
+fn remove_stale_temps(path: &Path) {
+    let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return;
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let prefix = format!(".{name}.ledge-tmp.");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file.strip_prefix(&prefix) else {
+            continue;
+        };
+        let alive = pid
+            .parse::<u32>()
+            .is_ok_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        if !alive {
+            log::info!(
+                "removing {}, left by a Ledge that was killed mid-snapshot",
+                e.path().display()
+            );
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 fn sync_dir(path: &Path) {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -315,6 +346,7 @@ pub struct StagedFile {
 
 impl StagedFile {
     pub fn write(path: &Path, bytes: &[u8]) -> Result<StagedFile, SnapshotError> {
+        remove_stale_temps(path);
         let tmp = temp_path(path);
         let r = File::create(&tmp).and_then(|mut f| {
             f.write_all(bytes)?;
@@ -358,6 +390,7 @@ impl MemoryWriter {
         source: Option<&File>,
         tag: &str,
     ) -> Result<(MemoryWriter, u64), SnapshotError> {
+        remove_stale_temps(path);
         let tmp = temp_path(path);
         let file = OpenOptions::new()
             .read(true)
