@@ -398,8 +398,23 @@ fn ten_clones_share_one_memory_file() {
     let mut vm = Ledge::serve(&sock, &["--config-file", s(&cfg)]);
     // With the console off, wait for the guest through its memory: the snapshot's size.
     std::thread::sleep(Duration::from_secs(2));
-    pause(&sock);
-    create(&sock, &snap, &mem, "Full");
+    // The CLI's way: pause, snapshot, resume in one command.
+    let out = common::ledge(
+        &[
+            "snapshot",
+            "create",
+            "--api-sock",
+            s(&sock),
+            "--snapshot",
+            s(&snap),
+            "--mem",
+            s(&mem),
+            "--pause",
+        ],
+        Duration::from_secs(120),
+    );
+    assert_eq!(out.code, Some(0), "ledge snapshot create: {}", out.stderr);
+    assert_eq!(state(&sock), "Running", "--pause resumes afterwards");
     vm.signal(libc::SIGKILL);
     vm.wait_exit(EXIT_LIMIT).expect("SIGKILL");
     assert!(

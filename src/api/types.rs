@@ -944,6 +944,122 @@ pub fn state_name(state: VmState) -> String {
     state.to_string()
 }
 
+// ---------------------------------------------------------------------------------------------
+// Snapshots
+
+/// `PUT /snapshot/create` body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    pub snapshot_path: String,
+    pub mem_file_path: String,
+    #[serde(default)]
+    pub snapshot_type: crate::snapshot::SnapshotType,
+    /// Firecracker's deprecated target version: accepted only when it names no other format.
+    #[serde(default)]
+    pub version: Option<String>,
+}
+
+/// Firecracker's `mem_backend`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackend {
+    pub backend_type: MemBackendType,
+    pub backend_path: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemBackendType {
+    File,
+    Uffd,
+}
+
+/// One entry of `network_overrides`: the TAP a restored interface uses instead.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    pub iface_id: String,
+    pub host_dev_name: String,
+}
+
+/// `vsock_override`: the host socket a restored vsock device uses instead.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    pub uds_path: String,
+}
+
+/// `PUT /snapshot/load` body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadParams {
+    pub snapshot_path: String,
+    #[serde(default)]
+    pub mem_file_path: Option<String>,
+    #[serde(default)]
+    pub mem_backend: Option<MemBackend>,
+    #[serde(default)]
+    pub enable_diff_snapshots: bool,
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    #[serde(default)]
+    pub resume_vm: bool,
+    #[serde(default)]
+    pub network_overrides: Vec<NetworkOverride>,
+    #[serde(default)]
+    pub vsock_override: Option<VsockOverride>,
+}
+
+impl SnapshotLoadParams {
+    /// The memory file: `mem_backend` (File) or the older `mem_file_path`, exactly one.
+    pub fn memory_path(&self) -> Result<std::path::PathBuf, ApiError> {
+        match (&self.mem_backend, &self.mem_file_path) {
+            (Some(_), Some(_)) => Err(ApiError::bad_request(
+                "give either mem_backend or mem_file_path, not both",
+            )),
+            (None, None) => Err(ApiError::bad_request(
+                "the memory file is missing: give mem_backend {\"backend_type\": \"File\", \"backend_path\": ...}",
+            )),
+            (Some(b), None) if b.backend_type == MemBackendType::Uffd => Err(ApiError::unsupported(
+                "mem_backend.backend_type",
+                "Uffd backends are not supported yet; use \"File\" (Ledge maps the file privately, so pages load lazily anyway)",
+            )),
+            (Some(b), None) => Ok(b.backend_path.clone().into()),
+            (None, Some(p)) => Ok(p.clone().into()),
+        }
+    }
+
+    /// The snapshot's configuration with this request's overrides applied.
+    pub fn apply_overrides(&self, c: &mut VmConfig) -> Result<(), ApiError> {
+        for o in &self.network_overrides {
+            let Some(n) = c
+                .nets
+                .iter_mut()
+                .find(|n| n.id.as_deref() == Some(o.iface_id.as_str()))
+            else {
+                return Err(ApiError::bad_request(format!(
+                    "network_overrides: the snapshot has no interface {:?}",
+                    o.iface_id
+                )));
+            };
+            n.tap = o.host_dev_name.clone();
+        }
+        if let Some(v) = &self.vsock_override {
+            match c.vsock.as_mut() {
+                Some(vs) => vs.uds = v.uds_path.clone().into(),
+                None => {
+                    return Err(ApiError::bad_request(
+                        "vsock_override: the snapshot has no vsock device",
+                    ))
+                }
+            }
+        }
+        c.machine.track_dirty_pages = self.track_dirty_pages || self.enable_diff_snapshots;
+        c.validate()
+            .map_err(|e| ApiError::bad_request(format!("after the overrides: {e}")))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1215,120 +1331,58 @@ mod tests {
             FIRECRACKER_API_VERSION
         );
     }
-}
 
-// ---------------------------------------------------------------------------------------------
-// Snapshots
+    #[test]
+    fn snapshot_load_memory_and_overrides_are_checked() {
+        let p = |j: &str| -> SnapshotLoadParams { body(j).unwrap() };
+        let both = p(
+            r#"{"snapshot_path":"/s","mem_file_path":"/m","mem_backend":{"backend_type":"File","backend_path":"/m"}}"#,
+        );
+        assert!(both.memory_path().unwrap_err().message.contains("not both"));
+        let none = p(r#"{"snapshot_path":"/s"}"#);
+        assert!(none
+            .memory_path()
+            .unwrap_err()
+            .message
+            .contains("mem_backend"));
+        let uffd = p(
+            r#"{"snapshot_path":"/s","mem_backend":{"backend_type":"Uffd","backend_path":"/u"}}"#,
+        );
+        assert!(uffd.memory_path().unwrap_err().message.contains("Uffd"));
+        let old = p(r#"{"snapshot_path":"/s","mem_file_path":"/m"}"#);
+        assert_eq!(old.memory_path().unwrap(), PathBuf::from("/m"));
 
-/// `PUT /snapshot/create` body.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SnapshotCreateParams {
-    pub snapshot_path: String,
-    pub mem_file_path: String,
-    #[serde(default)]
-    pub snapshot_type: crate::snapshot::SnapshotType,
-    /// Firecracker's deprecated target version: accepted only when it names no other format.
-    #[serde(default)]
-    pub version: Option<String>,
-}
-
-/// Firecracker's `mem_backend`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MemBackend {
-    pub backend_type: MemBackendType,
-    pub backend_path: String,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum MemBackendType {
-    File,
-    Uffd,
-}
-
-/// One entry of `network_overrides`: the TAP a restored interface uses instead.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NetworkOverride {
-    pub iface_id: String,
-    pub host_dev_name: String,
-}
-
-/// `vsock_override`: the host socket a restored vsock device uses instead.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VsockOverride {
-    pub uds_path: String,
-}
-
-/// `PUT /snapshot/load` body.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SnapshotLoadParams {
-    pub snapshot_path: String,
-    #[serde(default)]
-    pub mem_file_path: Option<String>,
-    #[serde(default)]
-    pub mem_backend: Option<MemBackend>,
-    #[serde(default)]
-    pub enable_diff_snapshots: bool,
-    #[serde(default)]
-    pub track_dirty_pages: bool,
-    #[serde(default)]
-    pub resume_vm: bool,
-    #[serde(default)]
-    pub network_overrides: Vec<NetworkOverride>,
-    #[serde(default)]
-    pub vsock_override: Option<VsockOverride>,
-}
-
-impl SnapshotLoadParams {
-    /// The memory file: `mem_backend` (File) or the older `mem_file_path`, exactly one.
-    pub fn memory_path(&self) -> Result<std::path::PathBuf, ApiError> {
-        match (&self.mem_backend, &self.mem_file_path) {
-            (Some(_), Some(_)) => Err(ApiError::bad_request(
-                "give either mem_backend or mem_file_path, not both",
-            )),
-            (None, None) => Err(ApiError::bad_request(
-                "the memory file is missing: give mem_backend {\"backend_type\": \"File\", \"backend_path\": ...}",
-            )),
-            (Some(b), None) if b.backend_type == MemBackendType::Uffd => Err(ApiError::unsupported(
-                "mem_backend.backend_type",
-                "Uffd backends are not supported yet; use \"File\" (Ledge maps the file privately, so pages load lazily anyway)",
-            )),
-            (Some(b), None) => Ok(b.backend_path.clone().into()),
-            (None, Some(p)) => Ok(p.clone().into()),
-        }
-    }
-
-    /// The snapshot's configuration with this request's overrides applied.
-    pub fn apply_overrides(&self, c: &mut VmConfig) -> Result<(), ApiError> {
-        for o in &self.network_overrides {
-            let Some(n) = c
-                .nets
-                .iter_mut()
-                .find(|n| n.id.as_deref() == Some(o.iface_id.as_str()))
-            else {
-                return Err(ApiError::bad_request(format!(
-                    "network_overrides: the snapshot has no interface {:?}",
-                    o.iface_id
-                )));
-            };
-            n.tap = o.host_dev_name.clone();
-        }
-        if let Some(v) = &self.vsock_override {
-            match c.vsock.as_mut() {
-                Some(vs) => vs.uds = v.uds_path.clone().into(),
-                None => {
-                    return Err(ApiError::bad_request(
-                        "vsock_override: the snapshot has no vsock device",
-                    ))
-                }
-            }
-        }
-        c.machine.track_dirty_pages = self.track_dirty_pages || self.enable_diff_snapshots;
-        c.validate()
-            .map_err(|e| ApiError::bad_request(format!("after the overrides: {e}")))
+        let mut c = VmConfig::default();
+        c.nets.push(NetConfig {
+            tap: "tap0".into(),
+            mac: None,
+            id: Some("eth0".into()),
+            ..body(r#"{"tap":"x"}"#).unwrap()
+        });
+        let o = p(
+            r#"{"snapshot_path":"/s","network_overrides":[{"iface_id":"eth0","host_dev_name":"tap9"}],"track_dirty_pages":true}"#,
+        );
+        o.apply_overrides(&mut c).unwrap();
+        assert_eq!(c.nets[0].tap, "tap9");
+        assert!(c.machine.track_dirty_pages);
+        let unknown = p(
+            r#"{"snapshot_path":"/s","network_overrides":[{"iface_id":"eth1","host_dev_name":"tap9"}]}"#,
+        );
+        assert!(unknown
+            .apply_overrides(&mut c)
+            .unwrap_err()
+            .message
+            .contains("eth1"));
+        let bad_tap = p(
+            r#"{"snapshot_path":"/s","network_overrides":[{"iface_id":"eth0","host_dev_name":"no/slash"}]}"#,
+        );
+        assert_eq!(bad_tap.apply_overrides(&mut c).unwrap_err().status, 400);
+        let vs = p(r#"{"snapshot_path":"/s","vsock_override":{"uds_path":"/v"}}"#);
+        assert!(vs
+            .apply_overrides(&mut c)
+            .unwrap_err()
+            .message
+            .contains("no vsock"));
+        assert!(body::<SnapshotLoadParams>(r#"{"snapshot_path":"/s","surprise":1}"#).is_err());
     }
 }
