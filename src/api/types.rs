@@ -1357,7 +1357,6 @@ mod tests {
             tap: "tap0".into(),
             mac: None,
             id: Some("eth0".into()),
-            ..body(r#"{"tap":"x"}"#).unwrap()
         });
         let o = p(
             r#"{"snapshot_path":"/s","network_overrides":[{"iface_id":"eth0","host_dev_name":"tap9"}],"track_dirty_pages":true}"#,
