@@ -76,6 +76,8 @@ pub struct Controller {
     terminate: Option<EventFd>,
     /// A caller-supplied sink for the guest console (library use).
     console: Option<SerialOut>,
+    /// The `kvm-prewarm` thread: the VM-wide KVM objects, made while waiting for requests.
+    prewarm: Option<std::thread::JoinHandle<Result<crate::builder::Prewarmed, BuildError>>>,
 }
 
 /// A config file's contents, whichever format it was in.
@@ -202,6 +204,10 @@ impl Controller {
             api_counts: BTreeMap::new(),
             terminate: None,
             console: None,
+            prewarm: std::thread::Builder::new()
+                .name("kvm-prewarm".into())
+                .spawn(crate::builder::prewarm)
+                .ok(),
         }
     }
 
@@ -240,7 +246,8 @@ impl Controller {
 
     /// Builds and starts the VM from the configuration assembled so far.
     pub fn boot(&mut self) -> Result<(), ControllerError> {
-        let vmm = crate::builder::build_with_console(&self.config, self.console.take())?;
+        let pre = self.take_prewarmed();
+        let vmm = crate::builder::build_prewarmed(&self.config, self.console.take(), pre)?;
         self.install(vmm)?;
         if let Some(vmm) = self.vmm.as_mut() {
             vmm.start()?;
@@ -256,7 +263,8 @@ impl Controller {
         source: crate::builder::RestoreSource,
         resume: bool,
     ) -> Result<(), ControllerError> {
-        let vmm = crate::builder::restore(&config, source, self.console.take())?;
+        let pre = self.take_prewarmed();
+        let vmm = crate::builder::restore_prewarmed(&config, source, self.console.take(), pre)?;
         self.config = config;
         self.install(vmm)?;
         if resume {
@@ -265,6 +273,23 @@ impl Controller {
             }
         }
         Ok(())
+    }
+
+    /// The KVM objects the prewarm thread made, if it succeeded (else the build makes them and
+    /// reports what failed).
+    fn take_prewarmed(&mut self) -> Option<crate::builder::Prewarmed> {
+        let h = self.prewarm.take()?;
+        match h.join() {
+            Ok(Ok(p)) => Some(p),
+            Ok(Err(e)) => {
+                log::debug!(
+                    "KVM prewarm failed ({}); building from scratch",
+                    error_chain(&e)
+                );
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     /// Takes over a built VM: API requests and the stop event wake its event loop.

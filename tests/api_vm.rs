@@ -179,7 +179,6 @@ fn every_endpoint_through_a_whole_lifecycle() {
     for (extra, field) in [
         (r#","smt":true"#, "smt"),
         (r#","cpu_template":"T2""#, "cpu_template"),
-        (r#","track_dirty_pages":true"#, "track_dirty_pages"),
         (r#","huge_pages":"2M""#, "huge_pages"),
         (r#","bogus":1"#, "bogus"),
     ] {

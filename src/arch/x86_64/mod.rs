@@ -7,9 +7,10 @@
 //!
 //! Ordering (KVM enforces most of it):
 //! 1. [`check_kvm`] on the `/dev/kvm` handle;
-//! 2. create the VM, then [`configure_vm`] — TSS and identity-map addresses must be set before
-//!    any vCPU is created, and the PIT needs the irqchip;
-//! 3. register guest memory and run `boot::load`;
+//! 2. create the VM and register guest memory, then [`configure_vm`] — TSS and identity-map
+//!    addresses must be set before any vCPU is created, the PIT needs the irqchip, and a
+//!    memory slot added after the irqchip exists costs KVM milliseconds, one before it ~0.1 ms;
+//! 3. run `boot::load`;
 //! 4. create each vCPU and [`configure_vcpu`]: CPUID, then MSRs (checked against CPUID), then
 //!    segment/control registers, general registers, FPU and finally the local APIC (which
 //!    exists only because of step 2).
