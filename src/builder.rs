@@ -318,7 +318,7 @@ fn assemble(
     };
     let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
 
-    if let Some(src) = restore {
+    let restored = if let Some(src) = restore {
         let body = &src.state.body;
         // The VM's interrupt controllers and PIT, then each vCPU (its LAPIC among it), then the
         // devices (their queues live in the restored memory).
@@ -369,83 +369,67 @@ fn assemble(
                 name: "i8042".into(),
                 source,
             })?;
-        let restored = Restored {
+        Some(Restored {
             clock: body.vm.clock,
             snapshot_id: src.state.header.id.clone(),
             memory: src.memory,
+        })
+    } else {
+        let cmdline = join_cmdline(
+            &config.boot.effective_cmdline(),
+            &format!("{} {root_arg}", virtio.cmdline),
+        );
+        let mut probe = Cursor::new(crate::probe::PROBE_ELF);
+        let kernel_name = match &config.boot.kernel {
+            Some(path) => path.display().to_string(),
+            None => "the built-in probe guest".to_string(),
         };
-        let mut vmm = Vmm::new(VmParts {
-            config: config.clone(),
-            vm,
-            mem,
-            vcpus,
-            exit,
-            serial,
-            i8042,
-            subscribers: virtio.subscribers,
-            devices: virtio.devices,
-            transports: virtio.transports,
-            balloon,
-            stdin_input,
-            exit_counters: counters,
+        let kernel = match &config.boot.kernel {
+            Some(path) => BootSource::Path(path),
+            None => BootSource::Image {
+                name: "built-in probe guest",
+                reader: &mut probe,
+            },
+        };
+        let setup = boot::load(
+            &mem,
+            BootRequest {
+                kernel,
+                initrd: config.boot.initrd.as_deref(),
+                cmdline: &cmdline,
+                protocol: config.boot.protocol,
+                num_vcpus: vcpu_count,
+            },
+        )
+        .map_err(|e| match e {
+            // These already name the file.
+            boot::BootError::OpenKernel { .. } | boot::BootError::OpenInitrd { .. } => {
+                BuildError::Boot(e)
+            }
+            source => BuildError::Kernel {
+                name: kernel_name,
+                source,
+            },
         })?;
-        vmm.set_restored(restored);
-        return Ok(vmm);
-    }
+        log::info!(
+            "kernel entry {:#x} ({:?}), {} vcpus, {} MiB",
+            setup.entry.0,
+            setup.mode,
+            vcpu_count,
+            config.machine.mem_mib
+        );
 
-    let cmdline = join_cmdline(
-        &config.boot.effective_cmdline(),
-        &format!("{} {root_arg}", virtio.cmdline),
-    );
-    let mut probe = Cursor::new(crate::probe::PROBE_ELF);
-    let kernel_name = match &config.boot.kernel {
-        Some(path) => path.display().to_string(),
-        None => "the built-in probe guest".to_string(),
-    };
-    let kernel = match &config.boot.kernel {
-        Some(path) => BootSource::Path(path),
-        None => BootSource::Image {
-            name: "built-in probe guest",
-            reader: &mut probe,
-        },
-    };
-    let setup = boot::load(
-        &mem,
-        BootRequest {
-            kernel,
-            initrd: config.boot.initrd.as_deref(),
-            cmdline: &cmdline,
-            protocol: config.boot.protocol,
-            num_vcpus: vcpu_count,
-        },
-    )
-    .map_err(|e| match e {
-        // These already name the file.
-        boot::BootError::OpenKernel { .. } | boot::BootError::OpenInitrd { .. } => {
-            BuildError::Boot(e)
+        for id in 0..vcpu_count {
+            let fd = vm
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_call("creating a vcpu"))?;
+            arch::configure_vcpu(&fd, id, vcpu_count, &setup, &cpuid)?;
+            vcpus.push(vcpu(id, fd).start()?);
         }
-        source => BuildError::Kernel {
-            name: kernel_name,
-            source,
-        },
-    })?;
-    log::info!(
-        "kernel entry {:#x} ({:?}), {} vcpus, {} MiB",
-        setup.entry.0,
-        setup.mode,
-        vcpu_count,
-        config.machine.mem_mib
-    );
+        None
+    };
 
-    for id in 0..vcpu_count {
-        let fd = vm
-            .create_vcpu(u64::from(id))
-            .map_err(kvm_call("creating a vcpu"))?;
-        arch::configure_vcpu(&fd, id, vcpu_count, &setup, &cpuid)?;
-        vcpus.push(vcpu(id, fd).start()?);
-    }
-
-    Ok(Vmm::new(VmParts {
+    let mut vmm = Vmm::new(VmParts {
         config: config.clone(),
         vm,
         mem,
@@ -459,7 +443,11 @@ fn assemble(
         balloon,
         stdin_input,
         exit_counters: counters,
-    })?)
+    })?;
+    if let Some(r) = restored {
+        vmm.set_restored(r);
+    }
+    Ok(vmm)
 }
 
 /// Hands out virtio-mmio windows and GSIs, in order, from one place, and collects what each
