@@ -539,27 +539,8 @@ fn probe_net_echoes_frames_through_a_tap() {
     );
 
     let sock = RawSocket::bind(&tap.0);
-    let mut buf = vec![0u8; 65536];
-    let (mut sent, mut got, mut bytes) = (0u32, 0u32, 0u64);
     let t0 = Instant::now();
-    while got < FRAMES {
-        while sent < FRAMES && sent - got < WINDOW {
-            sock.send(&test_frame(sent));
-            sent += 1;
-        }
-        let Some(n) = sock.recv(&mut buf, Duration::from_secs(10)) else {
-            panic!("no echo of frame {got} within 10 s ({sent} sent)");
-        };
-        let want = test_frame(got);
-        assert!(
-            buf[..n] == want[..],
-            "echo {got}: expected {} bytes unchanged, got {}",
-            want.len(),
-            describe(&buf[..n])
-        );
-        got += 1;
-        bytes += n as u64;
-    }
+    let bytes = echo_frames(&sock, FRAMES, WINDOW, None);
     let dt = t0.elapsed().as_secs_f64();
     sock.send(&stop_frame());
     let Some(done) = guest.wait_line(&["net: echoed="], Duration::from_secs(30)) else {
@@ -637,29 +618,9 @@ fn probe_count_with_log_and_net_echo() {
     const WIN: u32 = 16;
     let sock = RawSocket::bind(&tap.0);
     let mut buf = vec![0u8; 65536];
-    let (mut sent, mut got) = (0u32, 0u32);
     let t0 = Instant::now();
-    while got < N {
-        while sent < N && sent - got < WIN {
-            if sent == N / 2 {
-                // Not echoed, and the counter goes on.
-                sock.send(&stop_frame());
-            }
-            sock.send(&test_frame(sent));
-            sent += 1;
-        }
-        let Some(n) = sock.recv(&mut buf, Duration::from_secs(10)) else {
-            panic!("no echo of frame {got} within 10 s ({sent} sent)");
-        };
-        let want = test_frame(got);
-        assert!(
-            buf[..n] == want[..],
-            "echo {got}: expected {} bytes unchanged, got {}",
-            want.len(),
-            describe(&buf[..n])
-        );
-        got += 1;
-    }
+    // A STOP frame halfway: not echoed, and the counter goes on.
+    echo_frames(&sock, N, WIN, Some(N / 2));
     let dt = t0.elapsed().as_secs_f64();
     println!(
         "count + echo: {N} frames echoed in {dt:.3} s = {:.0} frames/s while counting",

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::probe_io::{describe, parse_record, test_frame, RawSocket, Tap, GUEST_MAC, SECTOR};
+use common::probe_io::{echo_frames, parse_record, RawSocket, Tap, GUEST_MAC, SECTOR};
 use common::vm::*;
 use serde_json::json;
 
@@ -234,7 +234,7 @@ fn a_killed_vm_continues_counting_in_a_new_process() {
     );
     assert_contiguous(&counts, "after the restore");
     if let Some((_, b)) = &taps {
-        echo_through(&b.0, 200);
+        echo_frames(&RawSocket::bind(&b.0), 200, 1, None);
         println!(
             "[snapshot-count] the restored guest echoes frames through its new TAP {}",
             b.0
@@ -274,23 +274,6 @@ fn mac_string() -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
-}
-
-/// Sends `n` test frames through `tap` one at a time; each must come back unchanged.
-fn echo_through(tap: &str, n: u32) {
-    let sock = RawSocket::bind(tap);
-    let mut buf = vec![0u8; 65536];
-    for seq in 0..n {
-        sock.send(&test_frame(seq));
-        let got = sock
-            .recv(&mut buf, Duration::from_secs(20))
-            .unwrap_or_else(|| panic!("no echo of frame {seq} through {tap}"));
-        assert!(
-            buf[..got] == test_frame(seq)[..],
-            "frame {seq} came back as {}",
-            describe(&buf[..got])
-        );
-    }
 }
 
 #[test]

@@ -252,3 +252,33 @@ pub fn describe(got: &[u8]) -> String {
         format!("{} bytes, not a test frame", got.len())
     }
 }
+
+/// Sends test frames 0..n through `sock`, at most `window` unanswered at a time, and checks that
+/// each comes back unchanged and in order; with `stop_at`, a STOP frame goes out before that
+/// frame (a guest that must not stop on it). Returns the bytes echoed.
+pub fn echo_frames(sock: &RawSocket, n: u32, window: u32, stop_at: Option<u32>) -> u64 {
+    let mut buf = vec![0u8; 65536];
+    let (mut sent, mut got, mut bytes) = (0u32, 0u32, 0u64);
+    while got < n {
+        while sent < n && sent - got < window {
+            if stop_at == Some(sent) {
+                sock.send(&stop_frame());
+            }
+            sock.send(&test_frame(sent));
+            sent += 1;
+        }
+        let Some(len) = sock.recv(&mut buf, Duration::from_secs(10)) else {
+            panic!("no echo of frame {got} within 10 s ({sent} sent)");
+        };
+        let want = test_frame(got);
+        assert!(
+            buf[..len] == want[..],
+            "echo {got}: expected {} bytes unchanged, got {}",
+            want.len(),
+            describe(&buf[..len])
+        );
+        got += 1;
+        bytes += len as u64;
+    }
+    bytes
+}
