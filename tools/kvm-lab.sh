@@ -4,6 +4,12 @@
 #
 #   tools/kvm-lab.sh [--copy PATH]... [--] COMMAND [ARG]...
 #   tools/kvm-lab.sh [--copy PATH]... --script FILE [ARG]...
+#   tools/kvm-lab.sh --prepare      only install what the lab needs on the host
+#
+# QEMU: the lab needs QEMU 10 or newer. QEMU 7.2's TCG (Debian bookworm's own)
+# crashed the L1 in about half of the boots that moved network traffic (the L1
+# kernel took a recursive page fault right after leaving its guest, with the
+# guest's GS base); on bookworm the lab installs QEMU from bookworm-backports.
 #
 # Inside the L1: `ledge` on PATH (from $LEDGE_BIN, target/release/ledge,
 # target/debug/ledge or `command -v ledge`), the guest artifacts at the same
@@ -20,9 +26,17 @@
 #   LEDGE_LAB_MODE     auto (default), lab (always boot the L1) or direct
 #                      (always run on the host)
 #   LEDGE_LAB_TIMEOUT  overall timeout in seconds (default 900)
+#   LEDGE_LAB_IDLE_TIMEOUT  seconds without console output after which the L1
+#                      counts as hung (default 300; 0 = off). The L1's init
+#                      prints a heartbeat every 30 s (filtered from the
+#                      output), so only a wedged L1 goes quiet this long;
+#                      QEMU is killed and the exit code is 125
 #   LEDGE_LAB_MEM      L1 memory in MiB (default 4096)
 #   LEDGE_LAB_SMP      L1 vCPUs (default 2)
 #   LEDGE_LAB_CPU      QEMU CPU model (default EPYC,+svm,+npt)
+#   LEDGE_LAB_TCG_THREAD  multi (default: one host thread per L1 vCPU) or
+#                      single (the vCPUs take turns in 100 ms slices: a
+#                      2-vCPU L2 guest crawls)
 #   LEDGE_LAB_CACHE    cache of the L1 kernel, modules, busybox
 #                      (default $HOME/.cache/ledge/lab)
 #   LEDGE_LAB_MODULES  extra L1 kernel modules to load (space-separated names)
@@ -37,9 +51,11 @@ readonly REPO_DIR="${SCRIPT_DIR%/tools}"
 readonly L1_INIT="${SCRIPT_DIR}/lab/init"
 
 readonly TIMEOUT="${LEDGE_LAB_TIMEOUT:-900}"
+readonly IDLE_TIMEOUT="${LEDGE_LAB_IDLE_TIMEOUT:-300}"
 readonly MEM="${LEDGE_LAB_MEM:-4096}"
 readonly SMP="${LEDGE_LAB_SMP:-2}"
 readonly CPU="${LEDGE_LAB_CPU:-EPYC,+svm,+npt}"
+readonly TCG_THREAD="${LEDGE_LAB_TCG_THREAD:-multi}"
 readonly LAB_CACHE="${LEDGE_LAB_CACHE:-${HOME}/.cache/ledge/lab}"
 readonly GUEST_DIR="${LEDGE_GUEST_DIR:-${HOME}/.cache/ledge/guest}"
 # kvm-amd pulls in kvm, irqbypass and ccp through its dependencies; tun is for
@@ -65,9 +81,14 @@ usage() {
 
 SCRIPT_FILE=""
 COPIES=()
+PREPARE_ONLY=0
 while (($# > 0)); do
     case "$1" in
         -h | --help) usage 0 ;;
+        --prepare)
+            PREPARE_ONLY=1
+            shift
+            ;;
         --script)
             (($# >= 2)) || die "--script needs a file"
             SCRIPT_FILE="$2"
@@ -88,13 +109,18 @@ while (($# > 0)); do
     esac
 done
 CMD_ARGS=("$@")
-if [[ -n "${SCRIPT_FILE}" ]]; then
+if ((PREPARE_ONLY)); then
+    :
+elif [[ -n "${SCRIPT_FILE}" ]]; then
     [[ -f "${SCRIPT_FILE}" ]] || die "script not found: ${SCRIPT_FILE}"
 elif ((${#CMD_ARGS[@]} == 0)); then
     usage 2
 fi
 [[ "${TIMEOUT}" =~ ^[0-9]+$ ]] || die "LEDGE_LAB_TIMEOUT must be a number of seconds"
+[[ "${IDLE_TIMEOUT}" =~ ^[0-9]+$ ]] || die "LEDGE_LAB_IDLE_TIMEOUT must be a number of seconds"
 [[ "${MEM}" =~ ^[0-9]+$ ]] || die "LEDGE_LAB_MEM must be a number of MiB"
+[[ "${TCG_THREAD}" == single || "${TCG_THREAD}" == multi ]] \
+    || die "LEDGE_LAB_TCG_THREAD must be single or multi, not ${TCG_THREAD}"
 
 find_ledge() {
     local c
@@ -156,9 +182,41 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2
 }
 
+# The major version of the installed qemu-system-x86_64, or 0.
+qemu_major() {
+    local v
+    v=$(qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p')
+    echo "${v:-0}"
+}
+
+ensure_qemu() {
+    (($(qemu_major) >= 10)) && return 0
+    local codename
+    codename=$(. /etc/os-release 2>/dev/null && echo "${VERSION_CODENAME:-}")
+    if [[ "${codename}" == bookworm ]]; then
+        local list=/etc/apt/sources.list.d/bookworm-backports.list
+        if [[ ! -e "${list}" ]]; then
+            log "adding bookworm-backports for QEMU 10"
+            echo "deb http://deb.debian.org/debian bookworm-backports main" >"${list}"
+            APT_UPDATED=0
+        fi
+        if ((!APT_UPDATED)); then
+            apt-get update -qq >&2
+            APT_UPDATED=1
+        fi
+        log "apt-get install -t bookworm-backports qemu-system-x86"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            -t bookworm-backports qemu-system-x86 >&2
+    else
+        apt_install qemu-system-x86
+    fi
+    (($(qemu_major) >= 10)) ||
+        log "warning: QEMU $(qemu_major) is older than 10: the nested lab is known to crash with it"
+}
+
 ensure_host_tools() {
     local missing=()
-    command -v qemu-system-x86_64 >/dev/null 2>&1 || missing+=(qemu-system-x86)
+    ensure_qemu
     command -v cpio >/dev/null 2>&1 || missing+=(cpio)
     command -v modinfo >/dev/null 2>&1 || missing+=(kmod)
     [[ -x /bin/busybox ]] && dpkg-query -W busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
@@ -385,6 +443,7 @@ build_run_cpio() {
 [[ -f "${L1_INIT}" ]] || die "L1 init script not found: ${L1_INIT}"
 T0=${SECONDS}
 ensure_host_tools
+((PREPARE_ONLY)) && exit 0
 mkdir -p "${LAB_CACHE}"
 # Concurrent runs share the cache: prepare it under a lock.
 exec 9>"${LAB_CACHE}/.lock"
@@ -421,14 +480,14 @@ KERNEL_ARGS="console=ttyS0 panic=-1 reboot=t"
 if [[ "${LEDGE_LAB_VERBOSE:-0}" != 1 ]]; then
     KERNEL_ARGS+=" quiet"
 fi
-log "booting the L1 (TCG, -cpu ${CPU}, ${MEM} MiB, ${SMP} vCPUs, timeout ${TIMEOUT} s; prepared in $((SECONDS - T0)) s)"
+log "booting the L1 (TCG thread=${TCG_THREAD}, -cpu ${CPU}, ${MEM} MiB, ${SMP} vCPUs, timeout ${TIMEOUT} s, idle timeout ${IDLE_TIMEOUT} s; prepared in $((SECONDS - T0)) s)"
 
 # The console log must exist before tail starts: the redirect below runs in the forked
 # background job, and a tail that gets there first finds no file and streams nothing.
 : >"${RUN_DIR}/console.log"
 # timeout(1) forwards our TERM to QEMU and kills it when the time is up.
 timeout -k 10 "${TIMEOUT}" qemu-system-x86_64 \
-    -accel tcg,thread=multi -cpu "${CPU}" -m "${MEM}" -smp "${SMP}" \
+    -accel "tcg,thread=${TCG_THREAD}" -cpu "${CPU}" -m "${MEM}" -smp "${SMP}" \
     -nodefaults -no-user-config -display none -serial stdio -no-reboot \
     -kernel "${L1_KERNEL}" -initrd "${RUN_DIR}/initrd.cpio" \
     -append "${KERNEL_ARGS}" </dev/null >>"${RUN_DIR}/console.log" 2>&1 &
@@ -439,9 +498,29 @@ tail -n +1 -f --pid="${QEMU_PID}" "${RUN_DIR}/console.log" \
     | sed -u -e 's/\r$//' -e 's/\x1b\[[0-9;?]*[A-Za-z]//g' -e 's/\x1bc//g' \
         -e '/^SeaBIOS (version/d' -e 's/^Booting from ROM\.\.//' \
         -e "/TCG doesn't support requested feature/d" \
-        -e '/^\[ *[0-9.]*\] reboot: Restarting system$/d' &
+        -e '/^\[ *[0-9.]*\] reboot: Restarting system$/d' -e '/^LEDGE-LAB-ALIVE$/d' &
 TAIL_PID=$!
 
+# The idle watchdog: the console (heartbeat included) must grow at least every
+# IDLE_TIMEOUT seconds, or the L1 is wedged (a soft-locked CPU, a dead kernel
+# that did not reboot) and waiting for the overall timeout only wastes time.
+IDLE_KILLED=0
+if ((IDLE_TIMEOUT > 0)); then
+    last_size=-1
+    last_change=${SECONDS}
+    while kill -0 "${QEMU_PID}" 2>/dev/null; do
+        sleep 2
+        size="$(stat -c %s "${RUN_DIR}/console.log" 2>/dev/null || echo 0)"
+        if ((size != last_size)); then
+            last_size=${size}
+            last_change=${SECONDS}
+        elif ((SECONDS - last_change >= IDLE_TIMEOUT)); then
+            IDLE_KILLED=1
+            kill "${QEMU_PID}" 2>/dev/null || true
+            break
+        fi
+    done
+fi
 QEMU_RC=0
 wait "${QEMU_PID}" || QEMU_RC=$?
 QEMU_PID=""
@@ -453,6 +532,10 @@ if [[ -n "${RC_LINE}" ]]; then
     RC="${RC_LINE#LEDGE-LAB-EXIT rc=}"
     log "command exited with ${RC}; lab run took $((SECONDS - T0)) s"
     exit "${RC}"
+fi
+if ((IDLE_KILLED)); then
+    log "the L1 printed nothing for ${IDLE_TIMEOUT} s (LEDGE_LAB_IDLE_TIMEOUT), not even its heartbeat: it hung; QEMU killed"
+    exit 125
 fi
 if ((QEMU_RC == 124 || QEMU_RC == 137)); then
     log "timed out after ${TIMEOUT} s (LEDGE_LAB_TIMEOUT); QEMU killed"

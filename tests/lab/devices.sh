@@ -11,14 +11,21 @@
 # Environment: LEDGE_GUEST_DIR (vmlinux, bzImage, rootfs.ext4), LEDGE_DEVLAB_TOOL (static
 # ledge-lab-tool), LEDGE_DEVLAB_INITRD (initramfs with the tool and the guest scripts),
 # LEDGE_DEVLAB_E2FS (debugfs and e2fsck, their libraries in lib/; default: from PATH),
-# LEDGE_DEVLAB_CASES (optional subset: blk net1 net2 balloon), LEDGE_DEVLAB_NET_MIB (64).
+# LEDGE_DEVLAB_CASES (optional subset: blk net1 net2 snap balloon), LEDGE_DEVLAB_NET_MIB (32),
+# LEDGE_DEVLAB_RNG_KIB (256).
+#
+# In the lab, every case ends with "R <name> l1_trouble=N": how many lines of the L1 kernel's
+# log say that the L1 itself broke (a lockup, a stall, an oops), each also printed as
+# "R <name> l1-dmesg ...". The test retries a case in a fresh L1 only when the L1 broke and
+# the guest did not get to the end of its script.
 # shellcheck disable=SC2016,SC2046  # guest commands are literal; values have no spaces
 set -u
 G="$LEDGE_GUEST_DIR"
 T="$LEDGE_DEVLAB_TOOL"
 I="$LEDGE_DEVLAB_INITRD"
-CASES="${LEDGE_DEVLAB_CASES:-blk net1 net2 balloon}"
-NET_MIB="${LEDGE_DEVLAB_NET_MIB:-64}"
+CASES="${LEDGE_DEVLAB_CASES:-blk net1 net2 snap balloon}"
+NET_MIB="${LEDGE_DEVLAB_NET_MIB:-32}"
+RNG_KIB="${LEDGE_DEVLAB_RNG_KIB:-256}"
 W=/tmp/devlab
 mkdir -p "$W"
 cd "$W" || exit 1
@@ -56,8 +63,21 @@ end_case() { # NAME LOG RC
     echo "=== END $1 rc=$3"
 }
 has() { [[ " $CASES " == *" $1 "* ]]; }
+# l1_health NAME: the L1 kernel's own failures so far (lab only: elsewhere dmesg is the host's).
+L1_TROUBLE='soft lockup|hard LOCKUP|rcu.*(stall|self-detected)|blocked for more than|BUG:|Oops|general protection fault|stack guard page|double fault|Kernel panic'
+l1_health() {
+    [[ "${LEDGE_KVM_KIND:-}" == kvm-amd-nested-lab ]] || return 0
+    local lines
+    lines=$(dmesg 2>/dev/null | grep -E "$L1_TROUBLE")
+    if [[ -n "$lines" ]]; then
+        r "$1" l1_trouble=$(printf '%s\n' "$lines" | wc -l)
+        printf '%s\n' "$lines" | head -n 20 | sed "s/^/R $1 l1-dmesg /"
+    else
+        r "$1" l1_trouble=0
+    fi
+}
 
-echo "R lab kvm=${LEDGE_KVM_KIND:-?} nproc=$(nproc) memtotal_kb=$(sed -n 's/^MemTotal: *\([0-9]*\).*/\1/p' /proc/meminfo)"
+echo "R lab kvm=${LEDGE_KVM_KIND:-?} nproc=$(nproc) memtotal_kb=$(sed -n 's/^MemTotal: *\([0-9]*\).*/\1/p' /proc/meminfo) uptime=$(cut -d' ' -f1 /proc/uptime)"
 E2="${LEDGE_DEVLAB_E2FS:-}"
 debugfs() { if [[ -n "$E2" ]]; then LD_LIBRARY_PATH="$E2/lib" "$E2/debugfs" "$@"; else command debugfs "$@"; fi; }
 e2fsck() { if [[ -n "$E2" ]]; then LD_LIBRARY_PATH="$E2/lib" "$E2/e2fsck" "$@"; else command e2fsck "$@"; fi; }
@@ -130,6 +150,7 @@ if has blk; then
     r blk host_read t0=$t0 t1=$t1 bytes=67108864
     r blk host_write t0=$t1 t1=$t2 bytes=67108864
     r blk case_secs_t0=$t_case case_secs_t1=$EPOCHREALTIME
+    l1_health blk
     end_case blk blk.log $rc
     rm -f root.fsck raw.bin got.bin data.img
 fi
@@ -162,7 +183,7 @@ netvsock() {
     tx0=$(cat /sys/class/net/tap0/statistics/tx_bytes)
     ledge run --log-level debug --kernel "$G/bzImage" --initrd "$I" --vcpus "$vcpus" --mem-mib 512 \
         --net tap=tap0 --vsock cid=3,uds="$u" --rng \
-        --cmdline "$C ledge_cmd=\"NET_MIB=$NET_MIB sh /lab/guest-netvsock.sh $b\"" >"$name.log" 2>&1 &
+        --cmdline "$C ledge_cmd=\"NET_MIB=$NET_MIB RNG_KIB=$RNG_KIB sh /lab/guest-netvsock.sh $b\"" >"$name.log" 2>&1 &
     lp=$!
     follow "$name.log"
     if waitfor "$name.log" '^G vsock-listening' 900 $lp; then
@@ -199,14 +220,110 @@ netvsock() {
     r "$name" tap_rx=$(($(cat /sys/class/net/tap0/statistics/rx_bytes) - rx0)) tap_tx=$(($(cat /sys/class/net/tap0/statistics/tx_bytes) - tx0))
     if ((rc != 0)); then
         r "$name" failed=1
-        dmesg | tail -n 30 | sed "s/^/R $name l1-dmesg /"
+        dmesg | tail -n 30 | sed "s/^/R $name l1-dmesg-tail /"
     fi
+    l1_health "$name"
     end_case "$name" "$name.log" $rc
     rm -f up.recv down.bin
 }
 
 if has net1; then netvsock net1 1 5000; fi
 if has net2; then netvsock net2 2 5100; fi
+
+# --- snapshot ---------------------------------------------------------------------------------
+# A Linux guest with a data disk, net and vsock is paused, snapshotted and SIGKILLed; a new
+# process restores it with another TAP and another vsock socket. The host reports the ticks
+# around the restore, what the data disk holds, ping and vsock echo before and after.
+# complete_lines FILE: FILE without \r and without a last line that has no newline yet (the
+# console of a VM paused in the middle of printing it).
+complete_lines() {
+    if [[ -n "$(tail -c 1 "$1")" ]]; then sed '$d' "$1"; else cat "$1"; fi | tr -d '\r'
+}
+
+if has snap; then
+    echo "=== CASE snap"
+    ((TAP_OK)) || setup_tap
+    SP=6000
+    rm -f snap1.sock snap2.sock snap1.vsock snap2.vsock snap.state snap.mem
+    dd if=/dev/zero of=snap-data.img bs=1M count=4 2>/dev/null
+    cat >snap.json <<JSON
+{"machine": {"vcpus": 1, "mem_mib": 256},
+ "boot": {"kernel": "$G/bzImage", "initrd": "$I",
+          "cmdline": "$C ledge_cmd=\"sh /lab/guest-snap.sh $SP\""},
+ "disks": [{"path": "$W/snap-data.img", "id": "data"}],
+ "nets": [{"tap": "tap0", "id": "eth0"}],
+ "vsock": {"cid": 3, "uds": "$W/snap1.vsock"},
+ "console": "stdio"}
+JSON
+    ledge --api-sock "$W/snap1.sock" --config-file snap.json >snap1.log 2>&1 &
+    lp=$!
+    follow snap1.log
+    f1=$FOLLOW
+    rc=1
+    if waitfor snap1.log '^G tick=5[[:space:]]' 900 $lp; then
+        r snap ping_before_rc="$(ping -c 2 -W 5 172.16.0.2 >/dev/null 2>&1; echo $?)"
+        "$T" bulk uds "$W/snap1.vsock" $SP 65536 1 >snap-v1.log 2>&1
+        r snap vsock_before_rc=$?
+        sed 's/^/R snap vsock-before /' snap-v1.log
+        r snap pause="$("$T" http "$W/snap1.sock" PATCH /vm '{"state":"Paused"}' | tr ' ' _)"
+        t0=$EPOCHREALTIME
+        ledge snapshot create --api-sock "$W/snap1.sock" --snapshot snap.state --mem snap.mem
+        r snap create_rc=$? t0=$t0 t1=$EPOCHREALTIME \
+            mem_bytes=$(stat -c %s snap.mem) mem_alloc_kb=$(du -k snap.mem | cut -f1) \
+            state_bytes=$(stat -c %s snap.state)
+        sleep 0.5
+        kill -KILL $lp
+        wait $lp
+        kill "$(cat snap1.log.tail)" 2>/dev/null
+        wait "$f1" 2>/dev/null
+        last1=$(complete_lines snap1.log | sed -n 's/^G tick=\([0-9]*\)$/\1/p' | tail -n 1)
+        r snap last_tick_before=$last1
+        # The new process gets another TAP, with the host's address moved over to it.
+        ip link del tap0
+        TAP_OK=0
+        { busybox tunctl -t tap1 >/dev/null || ip tuntap add dev tap1 mode tap; } &&
+            ip addr add 172.16.0.1/24 dev tap1 && ip link set tap1 up
+        r snap tap1_rc=$?
+        t0=$EPOCHREALTIME
+        ledge restore --snapshot snap.state --mem snap.mem --api-sock "$W/snap2.sock" \
+            --net-override eth0=tap1 --vsock-override "$W/snap2.vsock" >snap2.log 2>&1 &
+        lp=$!
+        follow snap2.log
+        if waitfor snap2.log '^G tick=' 300 $lp; then
+            r snap restored t0=$t0 t1=$EPOCHREALTIME
+            first2=$(complete_lines snap2.log | sed -n 's/^G tick=\([0-9]*\)$/\1/p' | head -n 1)
+            r snap first_tick_after=$first2
+            r snap ping_after_rc="$(ping -c 3 -W 10 172.16.0.2 >/dev/null 2>&1; echo $?)"
+            "$T" bulk uds "$W/snap2.vsock" $SP 65536 2 >snap-v2.log 2>&1
+            r snap vsock_after_rc=$?
+            sed 's/^/R snap vsock-after /' snap-v2.log
+            waitfor snap2.log "^G tick=$((first2 + 5))[[:space:]]" 300 $lp
+            r snap state_after="$("$T" http "$W/snap2.sock" GET / | tr ' ' _ | cut -c1-120)"
+            rc=0
+        else
+            r snap never-resumed=1
+        fi
+        kill -KILL $lp
+        wait $lp
+        last2=$(complete_lines snap2.log | sed -n 's/^G tick=\([0-9]*\)$/\1/p' | tail -n 1)
+        r snap last_tick_after=$last2 checked=1
+        # Every printed tick is in its sector of the data disk.
+        missing=0
+        for ((i = 1; i <= ${last2:-0}; i++)); do
+            got=$(dd if=snap-data.img bs=512 skip=$i count=1 2>/dev/null | head -c 16 | tr -d '\0 \n')
+            [[ "$got" == "TICK$i" ]] || missing=$((missing + 1))
+        done
+        r snap disk_missing=$missing
+        ip link del tap1 2>/dev/null
+    else
+        r snap never-ready=1
+        kill -KILL $lp 2>/dev/null
+        wait $lp
+    fi
+    l1_health snap
+    end_case snap snap2.log $rc
+    rm -f snap.mem snap.state snap-data.img
+fi
 
 # --- balloon ----------------------------------------------------------------------------------
 if has balloon; then
@@ -258,6 +375,7 @@ if has balloon; then
     kill -KILL $lp 2>/dev/null
     wait $lp
     rc=$?
+    l1_health balloon
     end_case balloon balloon.log $rc
 fi
 echo "R lab done=1"

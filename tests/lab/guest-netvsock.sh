@@ -1,12 +1,13 @@
 #!/bin/sh
 # Runs inside the Linux guest (busybox sh), put into the initramfs by tests/linux_devices.rs:
 #   sh /lab/guest-netvsock.sh PORTBASE
-# net: eth0 172.16.0.2/24, ping the host 172.16.0.1, 64 MiB up (host listens on PORTBASE) and
-# 64 MiB down (host serves on PORTBASE+1) with busybox nc; rng: 1 MiB from /dev/hwrng;
+# net: eth0 172.16.0.2/24, ping the host 172.16.0.1, NET_MIB up (host listens on PORTBASE) and
+# NET_MIB down (host serves on PORTBASE+1) with busybox nc; rng: RNG_KIB from /dev/hwrng;
 # vsock: an echo server on port PORTBASE+2 for the host's 8 connections, then 8 concurrent
 # connections to host port PORTBASE+3. Every result is a "G ..." line; times are /proc/uptime.
 B=${1:?port base}
-MIB=${NET_MIB:-64}
+MIB=${NET_MIB:-32}
+RNG_BYTES=$((${RNG_KIB:-256} * 1024))
 up() { read -r u _ </proc/uptime; echo "$u"; }
 echo "G nproc=$(nproc)"
 
@@ -35,7 +36,7 @@ cat /proc/net/dev | grep eth0
 # --- rng
 echo "G rng_current=$(cat /sys/class/misc/hw_random/rng_current) available=$(cat /sys/class/misc/hw_random/rng_available | tr ' ' ,)"
 t0=$(up)
-head -c 1048576 /dev/hwrng >/tmp/rng.bin
+head -c "$RNG_BYTES" /dev/hwrng >/tmp/rng.bin
 rc=$?
 echo "G rng rc=$rc t0=$t0 t1=$(up) bytes=$(wc -c </tmp/rng.bin) gz=$(gzip -c </tmp/rng.bin | wc -c) sha=$(sha256sum </tmp/rng.bin | cut -d' ' -f1)"
 
