@@ -10,7 +10,7 @@ log() { printf '\n== %s\n' "$*"; }
 
 # Debian packages the tests use directly (build-guest.sh and kvm-lab.sh install their own).
 need=()
-for p in qemu-system-x86 util-linux e2fsprogs cpio curl python3-venv iproute2; do
+for p in util-linux e2fsprogs cpio curl python3-venv iproute2; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ "${#need[@]}" -gt 0 ]; then
@@ -18,6 +18,12 @@ if [ "${#need[@]}" -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+
+# QEMU for the KVM lab and the benchmarks' peer: 10 or newer (bookworm-backports on bookworm;
+# tools/kvm-lab.sh says why).
+log "QEMU"
+bash tools/kvm-lab.sh --prepare
+qemu-system-x86_64 --version | head -n 1
 
 if [ -e /sys/module/kvm_pvm ]; then kind=kvm-pvm
 elif [ -e /dev/kvm ]; then kind="hardware KVM"

@@ -48,8 +48,12 @@ vmm_cmd() {
                 extra=(-L "$qemu_dir/share")
                 export LD_LIBRARY_PATH="$qemu_dir/lib"
             fi
+            # From QEMU 8: option ROMs on, ACPI off (see Qemu.machine in benchlib/vmms.py).
+            local m=microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=off
+            [[ "$("$q" --version | sed -n 's/.*version \([0-9]*\).*/\1/p' | head -n 1)" -ge 8 ]] &&
+                m=microvm,pit=off,pic=off,isa-serial=on,rtc=off,acpi=off
             timeout 120 "$q" "${extra[@]}" -device i8042 \
-                -M microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=off \
+                -M "$m" \
                 -enable-kvm -cpu host,-arch-capabilities -m "$MEM" -smp 1 \
                 -nodefaults -no-user-config -nographic -serial stdio -no-reboot \
                 -kernel "$KERNEL" -initrd "$INITRD" -append "$args"

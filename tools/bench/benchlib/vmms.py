@@ -7,6 +7,7 @@ identical image built into it), the same vCPU count and memory, and the same dev
 import json
 import os
 import shutil
+import re
 import subprocess
 import tempfile
 
@@ -86,11 +87,22 @@ class Qemu(Vmm):
         self.probe_elf = probe_elf
         self.share_dir = share_dir
 
+    def machine(self):
+        """The -M value. QEMU 7.2 loads a PVH kernel itself, with option ROMs off (the flags the
+        issue measured). QEMU 10 leaves that to its pvh.bin option ROM (with ROMs off it falls
+        back to SeaBIOS and finds nothing to boot), and its firmware's MP table lists only the
+        boot CPU unless ACPI is off, when QEMU writes a full one: so from QEMU 8 the ROMs stay
+        on and ACPI goes off (the probe and Linux both use the MP table)."""
+        m = re.search(r"version (\d+)", self.version())
+        if m and int(m.group(1)) >= 8:
+            return "microvm,pit=off,pic=off,isa-serial=on,rtc=off,acpi=off"
+        return "microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=off"
+
     def base_argv(self, vcpus, mem_mib):
         argv = [self.binary]
         if self.share_dir:
             argv += ["-L", self.share_dir]
-        argv += ["-M", "microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=off",
+        argv += ["-M", self.machine(),
                  "-enable-kvm", "-cpu", "host,-arch-capabilities",
                  "-m", str(mem_mib), "-smp", str(vcpus),
                  "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
