@@ -14,12 +14,14 @@
 //!   32 MiB each way with busybox nc (checksums on both ends, TAP byte counters); the guest reads
 //!   256 KiB from /dev/hwrng (virtio-rng); vsock echoes 8 x 2 MiB concurrently host -> guest
 //!   (`CONNECT <port>`) and guest -> host (`<uds>_<port>`), FNV checksums compared both ends.
-//! - snap: a guest with a data disk, net and vsock ticks, writing tick N to sector N with an
-//!   fsync before printing it; the host pings it and echoes 64 KiB over vsock, pauses it,
+//! - snap: a guest with its root filesystem (ext4) on virtio-blk, a raw data disk, net and
+//!   vsock ticks, writing tick N to sector N of the data disk with an fsync before printing it; the host pings it and echoes 64 KiB over vsock, pauses it,
 //!   snapshots it (`ledge snapshot create`), SIGKILLs the VMM, moves its address to a new TAP
 //!   and restores the snapshot in a new process (`ledge restore --net-override
 //!   --vsock-override`): the ticks continue at the next number, ping and vsock echo work again
-//!   (the vsock transport was reset), and every printed tick is on the disk.
+//!   (the vsock transport was reset), every printed tick is on the disk, and after the final
+//!   SIGKILL the root filesystem checks clean (journal replay at most) with the file the guest
+//!   wrote before the snapshot in it.
 //! - balloon: a 256 MiB guest fills 200 MiB; the host inflates the balloon by 128 MiB through
 //!   the API (`PATCH /balloon`) and the VMM's RSS falls; deflating and the guest touching its
 //!   memory again bring it back.
@@ -639,6 +641,21 @@ fn check_snap(c: &Case, k: &mut Checks) {
     );
     k.check(
         n,
+        r.get("root_prepared_rc") == Some(&"0"),
+        "the root image got the guest script (debugfs)",
+    );
+    k.check(
+        n,
+        matches!(r.get("root_fsck_rc"), Some(&"0") | Some(&"1"))
+            && r.get("marker") == Some(&"written_before_the_snapshot"),
+        format!(
+            "the root ext4 after the SIGKILL: e2fsck rc {:?} (0 clean, 1 journal replayed), /snap-marker {:?}",
+            r.get("root_fsck_rc"),
+            r.get("marker")
+        ),
+    );
+    k.check(
+        n,
         r.get("disk_missing") == Some(&"0"),
         format!(
             "every printed tick is in its sector of the data disk (missing: {:?})",
@@ -848,7 +865,8 @@ struct Attempt {
 fn run_case(name: &str, g: &Path, tool: &Path, initrd: &Path, e2fs: &Path) -> Attempt {
     let mut cmd = Command::new("bash");
     cmd.arg(root().join("tools/kvm-lab.sh"));
-    for p in [tool, initrd, e2fs] {
+    let snap_script = root().join("tests/lab/guest-snap.sh");
+    for p in [tool, initrd, e2fs, snap_script.as_path()] {
         cmd.arg("--copy").arg(p);
     }
     cmd.arg("--script")
@@ -858,6 +876,7 @@ fn run_case(name: &str, g: &Path, tool: &Path, initrd: &Path, e2fs: &Path) -> At
         .env("LEDGE_DEVLAB_TOOL", tool)
         .env("LEDGE_DEVLAB_INITRD", initrd)
         .env("LEDGE_DEVLAB_E2FS", e2fs)
+        .env("LEDGE_DEVLAB_SNAP_SCRIPT", &snap_script)
         .env("LEDGE_DEVLAB_CASES", name)
         .env("LEDGE_DEVLAB_NET_MIB", NET_MIB.to_string())
         .env("LEDGE_DEVLAB_RNG_KIB", RNG_KIB.to_string());

@@ -11,6 +11,7 @@
 # Environment: LEDGE_GUEST_DIR (vmlinux, bzImage, rootfs.ext4), LEDGE_DEVLAB_TOOL (static
 # ledge-lab-tool), LEDGE_DEVLAB_INITRD (initramfs with the tool and the guest scripts),
 # LEDGE_DEVLAB_E2FS (debugfs and e2fsck, their libraries in lib/; default: from PATH),
+# LEDGE_DEVLAB_SNAP_SCRIPT (tests/lab/guest-snap.sh, put into the snap case's root image),
 # LEDGE_DEVLAB_CASES (optional subset: blk net1 net2 snap balloon), LEDGE_DEVLAB_NET_MIB (32),
 # LEDGE_DEVLAB_RNG_KIB (256).
 #
@@ -246,11 +247,18 @@ if has snap; then
     SP=6000
     rm -f snap1.sock snap2.sock snap1.vsock snap2.vsock snap.state snap.mem
     dd if=/dev/zero of=snap-data.img bs=1M count=4 2>/dev/null
+    # The root filesystem on virtio-blk, with the helper and the guest script put in by debugfs.
+    cp "$G/rootfs.ext4" snap-root.img
+    printf 'mkdir /lab\nwrite %s /lab/ledge-lab-tool\nwrite %s /lab/guest-snap.sh\nsif /lab/ledge-lab-tool mode 0100755\n' \
+        "$T" "$LEDGE_DEVLAB_SNAP_SCRIPT" >snap-debugfs.cmd
+    debugfs -w -f snap-debugfs.cmd snap-root.img >snap-debugfs.log 2>&1
+    r snap root_prepared_rc=$?
     cat >snap.json <<JSON
 {"machine": {"vcpus": 1, "mem_mib": 256},
- "boot": {"kernel": "$G/bzImage", "initrd": "$I",
-          "cmdline": "$C ledge_cmd=\"sh /lab/guest-snap.sh $SP\""},
- "disks": [{"path": "$W/snap-data.img", "id": "data"}],
+ "boot": {"kernel": "$G/bzImage",
+          "cmdline": "$C ledge_cmd=\"sh /lab/guest-snap.sh $SP /dev/vdb\""},
+ "disks": [{"path": "$W/snap-root.img", "id": "root", "root": true},
+           {"path": "$W/snap-data.img", "id": "data"}],
  "nets": [{"tap": "tap0", "id": "eth0"}],
  "vsock": {"cid": 3, "uds": "$W/snap1.vsock"},
  "console": "stdio"}
@@ -314,6 +322,9 @@ JSON
             [[ "$got" == "TICK$i" ]] || missing=$((missing + 1))
         done
         r snap disk_missing=$missing
+        # The root filesystem after a SIGKILL: journal replay, no damage, the marker there.
+        e2fsck -fy snap-root.img >snap-e2fsck.log 2>&1
+        r snap root_fsck_rc=$? marker="$(debugfs -R 'cat /snap-marker' snap-root.img 2>/dev/null | tr ' ' _)"
         ip link del tap1 2>/dev/null
     else
         r snap never-ready=1
@@ -322,7 +333,7 @@ JSON
     fi
     l1_health snap
     end_case snap snap2.log $rc
-    rm -f snap.mem snap.state snap-data.img
+    rm -f snap.mem snap.state snap-data.img snap-root.img
 fi
 
 # --- balloon ----------------------------------------------------------------------------------
