@@ -146,9 +146,13 @@ impl std::fmt::Debug for Prewarmed {
 pub fn prewarm() -> Result<Prewarmed, BuildError> {
     let kvm = kvm::open()?;
     arch::check_kvm(&kvm)?;
-    let cpuid = kvm
+    let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_call("reading the supported CPUID"))?;
+    arch::cpuid::add_kvm_emulated(
+        &mut cpuid,
+        kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
+    );
     let msrs: Arc<[u32]> = arch::state::msrs_to_save(&kvm)?.into();
     let vm = kvm.create_vm().map_err(kvm_call("creating the VM"))?;
     Ok(Prewarmed { vm, cpuid, msrs })
