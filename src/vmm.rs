@@ -94,7 +94,7 @@ pub enum VmmError {
     SnapshotNotPaused(VmState),
     #[error("a Diff snapshot needs dirty page tracking: set track_dirty_pages in the machine configuration before boot (or when loading the snapshot)")]
     DiffUntracked,
-    #[error("a Diff snapshot needs an earlier Full snapshot (or a restore) of this VM to be relative to")]
+    #[error("a Diff snapshot needs an earlier snapshot (or a restore) of this VM to be relative to, and the last one must have succeeded: take a Full snapshot first")]
     DiffWithoutBase,
     #[error("cannot save the VM state")]
     ArchState(#[from] crate::arch::x86_64::state::StateError),
@@ -280,6 +280,10 @@ impl Vmm {
         // Tracking: what changed since the last snapshot; a Full only clears the logs, so the
         // next Diff is relative to it.
         let dirty = if track {
+            // Reading the logs clears them: until this snapshot is committed there is no base
+            // a later Diff could be relative to (a failed snapshot leaves none, so a Diff is
+            // refused rather than missing the pages read here).
+            self.last_snapshot = None;
             Some(crate::kvm::memory::take_dirty(&self.vm, &self.mem)?)
         } else {
             None

@@ -307,6 +307,25 @@ fn a_diff_holds_what_changed_and_restores_merged() {
     assert!(line.ends_with(" ok"), "{line}");
     pause(&sock);
     let diff_took = create(&sock, &diff, &diff_mem, "Diff");
+    // A snapshot that fails (here: its directory does not exist) has read the dirty logs, so a
+    // Diff after it would miss pages: it is refused until a snapshot succeeds again.
+    let nowhere = Path::new("/nonexistent/ledge");
+    refused(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        Some(&json!({"snapshot_path": nowhere.join("s"), "mem_file_path": nowhere.join("m"), "snapshot_type": "Diff"}).to_string()),
+        400,
+        &["/nonexistent/ledge"],
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        Some(&json!({"snapshot_path": dir.join("d2.snap"), "mem_file_path": dir.join("d2.mem"), "snapshot_type": "Diff"}).to_string()),
+        400,
+        &["Full snapshot first"],
+    );
     vm.signal(libc::SIGKILL);
     vm.wait_exit(EXIT_LIMIT).expect("SIGKILL");
     println!(
