@@ -11,8 +11,8 @@
 //!   VMM and finds the file's exact bytes in the image with debugfs (after e2fsck replays the
 //!   journal), the data disk all zeros and the read-only disk unchanged.
 //! - net1/net2 (1 and 2 vCPUs): a TAP in the L1 at 172.16.0.1; the guest pings it and moves
-//!   32 MiB each way with busybox nc (checksums on both ends, TAP byte counters); the guest reads
-//!   256 KiB from /dev/hwrng (virtio-rng); vsock echoes 8 x 2 MiB concurrently host -> guest
+//!   64 MiB each way with busybox nc (checksums on both ends, TAP byte counters); the guest reads
+//!   1 MiB from /dev/hwrng (virtio-rng); vsock echoes 8 x 2 MiB concurrently host -> guest
 //!   (`CONNECT <port>`) and guest -> host (`<uds>_<port>`), FNV checksums compared both ends.
 //! - snap: a guest with its root filesystem (ext4) on virtio-blk, a raw data disk, net and
 //!   vsock ticks, writing tick N to sector N of the data disk with an fsync before printing it; the host pings it and echoes 64 KiB over vsock, pauses it,
@@ -49,8 +49,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 const ALL_CASES: [&str; 5] = ["blk", "net1", "net2", "snap", "balloon"];
-const NET_MIB: u64 = 32;
-const RNG_KIB: u64 = 256;
+const NET_MIB: u64 = 64;
+const RNG_KIB: u64 = 1024;
 const VSOCK_CONN_BYTES: u64 = 2 * 1024 * 1024;
 const VSOCK_CONNS: usize = 8;
 const BALLOON_MIB: u64 = 128;

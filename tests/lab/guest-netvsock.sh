@@ -6,8 +6,8 @@
 # vsock: an echo server on port PORTBASE+2 for the host's 8 connections, then 8 concurrent
 # connections to host port PORTBASE+3. Every result is a "G ..." line; times are /proc/uptime.
 B=${1:?port base}
-MIB=${NET_MIB:-32}
-RNG_BYTES=$((${RNG_KIB:-256} * 1024))
+MIB=${NET_MIB:-64}
+RNG_BYTES=$((${RNG_KIB:-1024} * 1024))
 up() { read -r u _ </proc/uptime; echo "$u"; }
 echo "G nproc=$(nproc)"
 
