@@ -13,7 +13,7 @@
 # LEDGE_DEVLAB_E2FS (debugfs and e2fsck, their libraries in lib/; default: from PATH),
 # LEDGE_DEVLAB_SNAP_SCRIPT (tests/lab/guest-snap.sh, put into the snap case's root image),
 # LEDGE_DEVLAB_CASES (optional subset: blk net1 net2 snap balloon), LEDGE_DEVLAB_NET_MIB (32),
-# LEDGE_DEVLAB_RNG_KIB (256).
+# LEDGE_DEVLAB_RNG_KIB (1024).
 #
 # In the lab, every case ends with "R <name> l1_trouble=N": how many lines of the L1 kernel's
 # log say that the L1 itself broke (a lockup, a stall, an oops), each also printed as
@@ -24,7 +24,7 @@ set -u
 G="$LEDGE_GUEST_DIR"
 T="$LEDGE_DEVLAB_TOOL"
 I="$LEDGE_DEVLAB_INITRD"
-CASES="${LEDGE_DEVLAB_CASES:-blk net1 net2 snap balloon}"
+CASES="${LEDGE_DEVLAB_CASES:-blk net1 snap balloon}"
 NET_MIB="${LEDGE_DEVLAB_NET_MIB:-64}"
 RNG_KIB="${LEDGE_DEVLAB_RNG_KIB:-1024}"
 W=/tmp/devlab
