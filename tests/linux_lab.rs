@@ -48,10 +48,27 @@ fn linux_guests_boot_in_the_kvm_lab() {
         return;
     };
 
-    let mut script = String::from("G=\"$LEDGE_GUEST_DIR\"\n");
+    // In the nested lab (not on hardware KVM) a guest that triple-faults is run once more: QEMU's
+    // TCG emulation of SVM now and then makes an L2 vCPU take a recursive fault (seen as a
+    // double, then triple fault; see tests/linux_devices.rs). The first run's output stays in
+    // the log with its markers defused; a fault on the second run fails the case.
+    let mut script = String::from(
+        "G=\"$LEDGE_GUEST_DIR\"\n\
+         once() { out=$(\"$@\" 2>&1); rc=$?; }\n\
+         lab_case() {\n\
+         \x20 once \"$@\"\n\
+         \x20 if [ $rc -ne 0 ] && [ \"${LEDGE_KVM_KIND:-}\" = kvm-amd-nested-lab ] && printf '%s' \"$out\" | grep -q 'guest triple fault'; then\n\
+         \x20   printf '%s\\n' \"$out\" | sed 's/LEDGE-/FIRST-RUN-LEDGE-/g'\n\
+         \x20   echo '=== RETRY: the guest triple-faulted in the nested lab; running it again'\n\
+         \x20   once \"$@\"\n\
+         \x20 fi\n\
+         \x20 printf '%s\\n' \"$out\"\n\
+         \x20 return $rc\n\
+         }\n",
+    );
     for c in cases() {
         script.push_str(&format!(
-            "echo '=== CASE {n}'\nledge run {a} 2>&1\necho \"=== END {n} rc=$?\"\n",
+            "echo '=== CASE {n}'\nlab_case ledge run {a}\necho \"=== END {n} rc=$?\"\n",
             n = c.name,
             a = c.args
         ));
@@ -90,6 +107,12 @@ fn linux_guests_boot_in_the_kvm_lab() {
             .split_once(&end)
             .unwrap_or_else(|| panic!("case {} did not finish", c.name));
         let rc = rest.split_whitespace().next().unwrap_or("");
+        if body.contains("=== RETRY") {
+            println!(
+                "case {}: NOTE the guest triple-faulted on its first run in the nested lab; the second run decides",
+                c.name
+            );
+        }
         assert_eq!(rc, "0", "case {}: `ledge run` exit status\n{body}", c.name);
         assert!(
             body.contains("LEDGE-GUEST-READY"),
