@@ -254,7 +254,7 @@ fn assemble(
     };
     // Memory slots before the irqchip and PIT: KVM's first slot added after the irqchip
     // exists costs milliseconds (~7 ms on kvm-pvm, whatever its size), before it ~0.1 ms.
-    kvm::memory::register_with(&vm, &mem, config.machine.track_dirty_pages)?;
+    kvm::memory::register(&vm, &mem, config.machine.track_dirty_pages)?;
     arch::configure_vm(&vm)?;
 
     let exit = Arc::new(ExitSignal::new().map_err(BuildError::EventFd)?);

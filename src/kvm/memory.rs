@@ -60,11 +60,6 @@ pub fn create(mem_mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
     })
 }
 
-/// Gives every region to KVM as one memory slot.
-pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
-    register_with(vm, mem, false)
-}
-
 /// Maps guest RAM from a snapshot's memory file, privately: pages load lazily from the file
 /// (shared, through the page cache, by every VM restored from it) and a guest write copies
 /// only that page. The file holds the regions back to back, in `layout::ram_regions` order,
@@ -99,11 +94,7 @@ pub fn create_from_file(mem_mib: u64, file: &File) -> Result<GuestMemoryMmap, Me
 
 /// Gives every region to KVM as one memory slot; with `track_dirty`, KVM logs the pages the
 /// guest writes (read with `take_dirty`).
-pub fn register_with(
-    vm: &VmFd,
-    mem: &GuestMemoryMmap,
-    track_dirty: bool,
-) -> Result<(), MemoryError> {
+pub fn register(vm: &VmFd, mem: &GuestMemoryMmap, track_dirty: bool) -> Result<(), MemoryError> {
     let flags = if track_dirty {
         kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
     } else {

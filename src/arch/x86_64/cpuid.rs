@@ -160,11 +160,11 @@ pub fn vcpu_cpuid(supported: &CpuId, id: u8, num_vcpus: u8) -> CpuId {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use kvm_bindings::kvm_cpuid_entry2;
 
-    fn entry(
+    pub(crate) fn entry(
         function: u32,
         index: u32,
         eax: u32,

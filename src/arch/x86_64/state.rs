@@ -401,18 +401,7 @@ fn check_cpu_with(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn e(function: u32, index: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 {
-            function,
-            index,
-            eax,
-            ebx,
-            ecx,
-            edx,
-            ..Default::default()
-        }
-    }
+    use crate::arch::x86_64::cpuid::tests::entry as e;
 
     fn host() -> Vec<kvm_cpuid_entry2> {
         // "AuthenticAMD", family 0x19 model 0x01.
