@@ -150,6 +150,20 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// True when an I/O error in `e`'s chain says the filesystem is full or the quota is used up.
+fn out_of_space(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
+                return true;
+            }
+        }
+        cur = c.source();
+    }
+    false
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -506,7 +520,15 @@ impl Controller {
                 p.snapshot_type,
             )
             .map_err(|e| {
-                ApiError::bad_request(format!("cannot create the snapshot: {}", error_chain(&e)))
+                let hint = if out_of_space(&e) {
+                    "; files of an earlier snapshot at these paths are unchanged: free space there or write the snapshot elsewhere"
+                } else {
+                    ""
+                };
+                ApiError::bad_request(format!(
+                    "cannot create the snapshot: {}{hint}",
+                    error_chain(&e)
+                ))
             })?;
         log::info!(
             "snapshot {} ({:?}) written in {:?}: {} bytes of memory, {} bytes of state",

@@ -740,3 +740,133 @@ fn the_first_format_still_restores() {
     assert_contiguous(&counts, "the v1 fixture");
     println!("[snapshot-format-v1] the format-1 fixture restores and counts on from 94");
 }
+
+/// A small tmpfs mounted for one test, unmounted when dropped.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(at: &Path, mib: u64) -> SmallFs {
+        std::fs::create_dir_all(at).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "ledge-test"])
+            .arg(at)
+            .status()
+            .expect("run mount");
+        assert!(st.success(), "mount a {mib} MiB tmpfs at {}", at.display());
+        SmallFs(at.to_path_buf())
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_the_snapshot_and_keeps_the_older_one() {
+    if !common::require_kvm("snapshot-disk-full") {
+        return;
+    }
+    if !common::probe_io::is_root() {
+        println!("[snapshot-disk-full] SKIPPED: mounting a small tmpfs needs root");
+        return;
+    }
+    let _one = serial();
+    let dir = common::scratch("snap-full");
+    let cfg = config_file(
+        &dir,
+        "vm.json",
+        json!({
+            "machine": {"vcpus": 1, "mem_mib": 128},
+            "boot": {"cmdline": "probe=dirty probe.dirty-mib=24"},
+        }),
+    );
+    // Room for one snapshot of ~24 MiB in use, not for a second one beside it.
+    let fs = SmallFs::mount(&dir.join("small"), 40);
+    let (snap, mem) = (fs.0.join("vm.snap"), fs.0.join("vm.mem"));
+    let sock = dir.join("a.sock");
+    let mut vm = Ledge::serve_with_input(&sock, &["--config-file", s(&cfg)]);
+    vm.wait_line("dirty: round=1");
+    vm.wait_count_above(Some(1), "after round 1");
+    pause(&sock);
+    create(&sock, &snap, &mem, "Full");
+    let (old_state, old_mem) = (std::fs::read(&snap).unwrap(), std::fs::read(&mem).unwrap());
+    println!(
+        "[snapshot-disk-full] KVM {}: the first snapshot takes {:.1} MiB of the 40 MiB filesystem",
+        common::kvm_kind(),
+        mib(allocated(&mem) + allocated(&snap))
+    );
+
+    // The guest rewrites its buffer; the same snapshot again finds no room for the new copy.
+    resume(&sock);
+    let from = vm.stdout_len();
+    vm.send_input(b"d");
+    let line = wait_line_after(&mut vm, from, "dirty: round=2");
+    assert!(line.ends_with(" ok"), "{line}");
+    pause(&sock);
+    let body = json!({"snapshot_path": snap, "mem_file_path": mem}).to_string();
+    let fault = refused(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        Some(&body),
+        400,
+        &["No space left on device", "unchanged"],
+    );
+    println!("[snapshot-disk-full] refused: {fault}");
+    assert!(!fault.contains('\n'), "one line: {fault:?}");
+    // The older snapshot is untouched and nothing half-written is left beside it.
+    assert!(
+        std::fs::read(&snap).unwrap() == old_state,
+        "the older state file changed"
+    );
+    assert!(
+        std::fs::read(&mem).unwrap() == old_mem,
+        "the older memory file changed"
+    );
+    let mut names: Vec<String> = std::fs::read_dir(&fs.0)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["vm.mem", "vm.snap"],
+        "files left on the full filesystem"
+    );
+
+    // The VM goes on: it is still paused, resumes and counts; a snapshot elsewhere works.
+    assert_eq!(state(&sock), "Paused");
+    resume(&sock);
+    let c = vm.last_count();
+    vm.wait_count_above(c, "after the failed snapshot");
+    pause(&sock);
+    create(
+        &sock,
+        &dir.join("roomy.snap"),
+        &dir.join("roomy.mem"),
+        "Full",
+    );
+    vm.signal(libc::SIGKILL);
+    vm.wait_exit(EXIT_LIMIT).expect("SIGKILL");
+
+    // The older snapshot restores, with its own memory (round 1), and the newer one round 2.
+    for (snap, mem, round) in [
+        (snap.clone(), mem.clone(), 1),
+        (dir.join("roomy.snap"), dir.join("roomy.mem"), 2),
+    ] {
+        let sock = dir.join(format!("r{round}.sock"));
+        let (mut vm, _) = restore(&sock, &snap, &mem, true);
+        vm.wait_count_above(None, "the restored guest runs");
+        let from = vm.stdout_len();
+        vm.send_input(b"v");
+        let line = wait_line_after(&mut vm, from, "dirty: verify");
+        assert_eq!(line, format!("dirty: verify round={round} ok"));
+    }
+    println!("[snapshot-disk-full] the older snapshot restores and verifies; so does a later one elsewhere");
+}
