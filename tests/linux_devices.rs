@@ -22,6 +22,12 @@
 //!   (the vsock transport was reset), every printed tick is on the disk, and after the final
 //!   SIGKILL the root filesystem checks clean (journal replay at most) with the file the guest
 //!   wrote before the snapshot in it.
+//! - crash: a guest with its root filesystem (ext4) on virtio-blk creates and fsyncs one small
+//!   file after another, printing each name once fsync returned; the host SIGKILLs the VMM at a
+//!   random moment, CRASH_KILLS times, each boot on the image the last kill left. After every
+//!   kill, on a copy of the image, e2fsck replays the journal and repairs nothing, a second
+//!   e2fsck finds it clean, and every file the guest saw fsync'd, from all boots so far, is
+//!   there with its contents.
 //! - balloon: a 256 MiB guest fills 200 MiB; the host inflates the balloon by 128 MiB through
 //!   the API (`PATCH /balloon`) and the VMM's RSS falls; deflating and the guest touching its
 //!   memory again bring it back.
@@ -48,12 +54,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const ALL_CASES: [&str; 5] = ["blk", "net1", "net2", "snap", "balloon"];
+const ALL_CASES: [&str; 6] = ["blk", "net1", "net2", "snap", "crash", "balloon"];
 /// The cases every CI run gets. net2 (a 2-vCPU guest moving network traffic) runs when named in
 /// LEDGE_DEVLAB_CASES: in the nested lab it still hangs the L1 (no heartbeat for 300 s) or stalls
 /// the guest with the L1 healthy now and then, even with QEMU 10, which no retry rule can tell
 /// from a device bug; the same checks pass in it when it runs through.
-const DEFAULT_CASES: [&str; 4] = ["blk", "net1", "snap", "balloon"];
+const DEFAULT_CASES: [&str; 5] = ["blk", "net1", "snap", "crash", "balloon"];
+/// SIGKILLs of the crash case, each on the image the previous one left.
+const CRASH_KILLS: u32 = 5;
 const NET_MIB: u64 = 64;
 /// What the guest reads from /dev/hwrng: 1 MiB with one vCPU. With two, 256 KiB: in the
 /// nested lab that read (32-byte requests, each a nested exit, ~30 kB/s) once stalled for good
@@ -717,6 +725,50 @@ fn check_snap(c: &Case, k: &mut Checks) {
     );
 }
 
+fn check_crash(c: &Case, k: &mut Checks) {
+    let n = c.name;
+    k.check(
+        n,
+        c.r_all().get("root_prepared_rc") == Some(&"0"),
+        "the root image got the guest script (debugfs)",
+    );
+    let kills = tagged(c.r_lines(), "kill=");
+    k.check(
+        n,
+        kills.len() == CRASH_KILLS as usize,
+        format!("{} of {CRASH_KILLS} kills happened", kills.len()),
+    );
+    let mut acked = 0.0;
+    for m in &kills {
+        let v = |key: &str| num(m, key);
+        acked += v("acked").unwrap_or(0.0);
+        k.check(
+            n,
+            v("acked").is_some_and(|a| a >= 5.0),
+            format!("the guest wrote records before the kill: {m:?}"),
+        );
+        k.check(
+            n,
+            matches!(m.get("fsck_replay_rc"), Some(&"0") | Some(&"1"))
+                && m.get("fsck_check_rc") == Some(&"0"),
+            format!(
+                "e2fsck after the kill: journal replay only (rc 0/1), then clean (rc 0): {m:?}"
+            ),
+        );
+        k.check(
+            n,
+            m.get("missing") == Some(&"0")
+                && m.get("wrong") == Some(&"0")
+                && v("records_checked").is_some_and(|t| t >= 5.0),
+            format!("every record whose fsync returned is in the filesystem, intact: {m:?}"),
+        );
+    }
+    println!(
+        "  info [{n}] {} SIGKILLs, {acked} fsync'd records acknowledged in all, each checked after every later kill",
+        kills.len()
+    );
+}
+
 fn check_balloon(c: &Case, k: &mut Checks) {
     let n = c.name;
     let r = c.r_all();
@@ -838,11 +890,11 @@ fn reported_wrong(c: &Case) -> Vec<String> {
 fn lab_broke(out: &common::Output, text: &str, name: &str) -> Option<String> {
     let case = Case::find(text, name);
     if let Some(c) = &case {
-        // snap's guest never ends: the host finishing its checks is the end of that case.
+        // snap's and crash's guests never end: the host finishing its checks ends those cases.
         let finished = c
             .g_lines()
             .any(|l| l.split_whitespace().next() == Some(guest_finished(name)))
-            || (name == "snap" && c.r_all().contains_key("checked"));
+            || (matches!(name, "snap" | "crash") && c.r_all().contains_key("checked"));
         let wrong = reported_wrong(c);
         if finished || !wrong.is_empty() {
             if !wrong.is_empty() {
@@ -882,7 +934,14 @@ fn run_case(name: &str, g: &Path, tool: &Path, initrd: &Path, e2fs: &Path) -> At
     let mut cmd = Command::new("bash");
     cmd.arg(root().join("tools/kvm-lab.sh"));
     let snap_script = root().join("tests/lab/guest-snap.sh");
-    for p in [tool, initrd, e2fs, snap_script.as_path()] {
+    let crash_script = root().join("tests/lab/guest-crash.sh");
+    for p in [
+        tool,
+        initrd,
+        e2fs,
+        snap_script.as_path(),
+        crash_script.as_path(),
+    ] {
         cmd.arg("--copy").arg(p);
     }
     cmd.arg("--script")
@@ -893,6 +952,8 @@ fn run_case(name: &str, g: &Path, tool: &Path, initrd: &Path, e2fs: &Path) -> At
         .env("LEDGE_DEVLAB_INITRD", initrd)
         .env("LEDGE_DEVLAB_E2FS", e2fs)
         .env("LEDGE_DEVLAB_SNAP_SCRIPT", &snap_script)
+        .env("LEDGE_DEVLAB_CRASH_SCRIPT", &crash_script)
+        .env("LEDGE_DEVLAB_CRASH_KILLS", CRASH_KILLS.to_string())
         .env("LEDGE_DEVLAB_CASES", name)
         .env("LEDGE_DEVLAB_NET_MIB", NET_MIB.to_string())
         .env(
@@ -1052,6 +1113,13 @@ fn virtio_devices_under_linux_in_the_kvm_lab() {
                     "snap: create (paused, ledge snapshot create) {} s; restore (ledge restore launch -> first tick seen, 0.2 s polling) {} s",
                     d("t0", "t1").map_or("?".into(), |v| format!("{v:.2}")),
                     c.r("restored").get("t1").zip(c.r("restored").get("t0")).and_then(|(a, b)| Some(a.parse::<f64>().ok()? - b.parse::<f64>().ok()?)).map_or("?".into(), |v| format!("{v:.2}"))
+                ));
+            }
+            "crash" => {
+                check_crash(&c, &mut k);
+                numbers.push(format!(
+                    "crash: {} SIGKILLs of a Linux guest fsync'ing files on ext4",
+                    tagged(c.r_lines(), "kill=").len()
                 ));
             }
             _ => {

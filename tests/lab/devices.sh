@@ -12,7 +12,9 @@
 # ledge-lab-tool), LEDGE_DEVLAB_INITRD (initramfs with the tool and the guest scripts),
 # LEDGE_DEVLAB_E2FS (debugfs and e2fsck, their libraries in lib/; default: from PATH),
 # LEDGE_DEVLAB_SNAP_SCRIPT (tests/lab/guest-snap.sh, put into the snap case's root image),
-# LEDGE_DEVLAB_CASES (optional subset: blk net1 net2 snap balloon), LEDGE_DEVLAB_NET_MIB (32),
+# LEDGE_DEVLAB_CRASH_SCRIPT (tests/lab/guest-crash.sh, for the crash case's root image),
+# LEDGE_DEVLAB_CRASH_KILLS (5), LEDGE_DEVLAB_CASES (optional subset: blk net1 net2 snap crash
+# balloon), LEDGE_DEVLAB_NET_MIB (32),
 # LEDGE_DEVLAB_RNG_KIB (1024).
 #
 # In the lab, every case ends with "R <name> l1_trouble=N": how many lines of the L1 kernel's
@@ -24,7 +26,7 @@ set -u
 G="$LEDGE_GUEST_DIR"
 T="$LEDGE_DEVLAB_TOOL"
 I="$LEDGE_DEVLAB_INITRD"
-CASES="${LEDGE_DEVLAB_CASES:-blk net1 snap balloon}"
+CASES="${LEDGE_DEVLAB_CASES:-blk net1 snap crash balloon}"
 NET_MIB="${LEDGE_DEVLAB_NET_MIB:-64}"
 RNG_KIB="${LEDGE_DEVLAB_RNG_KIB:-1024}"
 W=/tmp/devlab
@@ -334,6 +336,68 @@ JSON
     l1_health snap
     end_case snap snap2.log $rc
     rm -f snap.mem snap.state snap-data.img snap-root.img
+fi
+
+# --- crash ------------------------------------------------------------------------------------
+# kill -9 of the VMM while a Linux guest writes and fsyncs files on its ext4 root, several times,
+# each boot on the image the last kill left. After each kill, on a copy of the image: e2fsck
+# replays the journal and repairs nothing (rc 0 or 1), a second e2fsck finds it clean (rc 0),
+# and every file whose fsync the guest saw return is there with its contents.
+if has crash; then
+    echo "=== CASE crash"
+    KILLS="${LEDGE_DEVLAB_CRASH_KILLS:-5}"
+    rm -f crash-acked.txt
+    cp "$G/rootfs.ext4" crash-root.img
+    printf 'mkdir /lab\nwrite %s /lab/guest-crash.sh\n' "$LEDGE_DEVLAB_CRASH_SCRIPT" >crash-debugfs.cmd
+    debugfs -w -f crash-debugfs.cmd crash-root.img >crash-debugfs.log 2>&1
+    r crash root_prepared_rc=$?
+    rc=0
+    for ((k = 1; k <= KILLS; k++)); do
+        ledge run --kernel "$G/bzImage" --mem-mib 128 --disk path="$W/crash-root.img,root" \
+            --cmdline "$C ledge_cmd=\"sh /lab/guest-crash.sh $k\"" >crash-$k.log 2>&1 &
+        lp=$!
+        # Kill after a random number of records (5..24), then a random 0..0.3 s later.
+        n=$((5 + RANDOM % 20))
+        if waitfor crash-$k.log "^G crash-rec=$k-$n[[:space:]]" 600 $lp; then
+            sleep "$(printf '0.%03d' $((RANDOM % 300)))"
+            kill -KILL $lp
+            wait $lp
+        else
+            r crash kill=$k never-wrote=1
+            kill -KILL $lp 2>/dev/null
+            wait $lp
+            tail -n 20 crash-$k.log | sed 's/^/R crash console /'
+            rc=1
+            break
+        fi
+        complete_lines crash-$k.log | grep -E '^G crash-ready|EXT4-fs|I/O error' | head -n 5 |
+            sed "s/^/R crash console-$k /"
+        acked=$(complete_lines crash-$k.log | sed -n "s/^G crash-rec=$k-\([0-9]*\)\$/\1/p" | tail -n 1)
+        echo "$k ${acked:-0}" >>crash-acked.txt
+        cp crash-root.img crash-check.img
+        e2fsck -fy crash-check.img >crash-fsck1.log 2>&1
+        f1=$?
+        e2fsck -fn crash-check.img >crash-fsck2.log 2>&1
+        f2=$?
+        rm -rf crash-out && mkdir crash-out
+        debugfs -R 'rdump /crash crash-out' crash-check.img >/dev/null 2>&1
+        missing=0 wrong=0 total=0
+        while read -r run count; do
+            for ((i = 1; i <= count; i++)); do
+                total=$((total + 1))
+                f=crash-out/crash/r$run-$i
+                if [[ ! -f "$f" ]]; then missing=$((missing + 1))
+                elif [[ "$(cat "$f")" != "run $run record $i" ]]; then wrong=$((wrong + 1)); fi
+            done
+        done <crash-acked.txt
+        r crash kill=$k acked=${acked:-0} fsck_replay_rc=$f1 fsck_check_rc=$f2 \
+            records_checked=$total missing=$missing wrong=$wrong
+        ((f2 == 0)) || sed 's/^/R crash fsck /' crash-fsck2.log | head -n 20
+    done
+    r crash checked=1
+    l1_health crash
+    end_case crash crash-1.log $rc
+    rm -rf crash-root.img crash-check.img crash-out crash-acked.txt crash-*.log
 fi
 
 # --- balloon ----------------------------------------------------------------------------------
