@@ -674,11 +674,9 @@ fn kill_9_while_snapshotting_leaves_a_loadable_snapshot() {
         vm.wait_count_above(None, &format!("round {i}: the restored guest runs"));
         pause(&sock);
         let body = json!({"snapshot_path": snap, "mem_file_path": mem}).to_string();
-        let sock2 = sock.clone();
-        let req = std::thread::spawn(move || {
-            let mut c = Conn::connect(&sock2);
-            c.send("PUT", "/snapshot/create", Some(&body))
-        });
+        // Connected before the thread starts, so the kill cannot come before the connection.
+        let mut c = Conn::connect(&sock);
+        let req = std::thread::spawn(move || c.send("PUT", "/snapshot/create", Some(&body)));
         std::thread::sleep(Duration::from_millis(*delay));
         vm.signal(libc::SIGKILL);
         vm.wait_exit(EXIT_LIMIT).expect("SIGKILL");
