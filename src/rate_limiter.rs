@@ -278,20 +278,17 @@ impl RateLimiter {
         // The event loop reads the timer only when epoll says so, but a non-blocking read
         // can never stall the VMM thread whatever happens in between.
         // SAFETY: fcntl on an fd this TimerFd owns; F_SETFL with O_NONBLOCK touches no memory.
-        let r = unsafe {
-            libc::fcntl(
-                timer.as_raw_fd(),
-                libc::F_SETFL,
-                libc::O_NONBLOCK,
-            )
-        };
+        let r = unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
         if r < 0 {
             return Err(RateLimiterError::Timer(std::io::Error::last_os_error()));
         }
         let now = Instant::now();
         let cfg = cfg.normalized();
         Ok(RateLimiter {
-            bandwidth: cfg.bandwidth.as_ref().and_then(|b| TokenBucket::new(b, now)),
+            bandwidth: cfg
+                .bandwidth
+                .as_ref()
+                .and_then(|b| TokenBucket::new(b, now)),
             ops: cfg.ops.as_ref().and_then(|b| TokenBucket::new(b, now)),
             config: cfg,
             timer,
@@ -603,7 +600,7 @@ mod tests {
         let mut rl = limiter(Some((1000, 300, 100_000)), Some((10, 0, 1000)));
         let t0 = start(&rl);
         assert!(rl.consume_at(700, TokenKind::Bytes, t0)); // burst 300 + budget 400
-        // Bigger bucket: the 600 left stay 600 (not refilled to full).
+                                                           // Bigger bucket: the 600 left stay 600 (not refilled to full).
         rl.update_buckets(&RateLimiterConfig {
             bandwidth: Some(TokenBucketConfig::new(5000, 100)),
             ops: None,
@@ -696,7 +693,10 @@ mod tests {
             ops: None,
         };
         let e = bad.validate("rate_limiter").unwrap_err().to_string();
-        assert!(e.contains("rate_limiter.bandwidth") && e.contains("one_time_burst"), "{e}");
+        assert!(
+            e.contains("rate_limiter.bandwidth") && e.contains("one_time_burst"),
+            "{e}"
+        );
         assert!(RateLimiter::new(&bad).is_err());
         let a = RateLimiterConfig {
             bandwidth: Some(TokenBucketConfig::new(10, 10)),

@@ -287,8 +287,8 @@ fn every_endpoint_through_a_whole_lifecycle() {
         (json!({"io_engine": "Async"}), "io_engine"),
         (json!({"socket": "/tmp/vhost.sock"}), "socket"),
         (
-            json!({"rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}),
-            "rate_limiter",
+            json!({"rate_limiter": {"bandwidth": {"size": 0, "one_time_burst": 5, "refill_time": 100}}}),
+            "rate_limiter.bandwidth",
         ),
         (json!({"is_root_device": "yes"}), "does not match"),
         (json!({"bogus_field": 1}), "bogus_field"),
@@ -344,9 +344,9 @@ fn every_endpoint_through_a_whole_lifecycle() {
             "PUT",
             "/network-interfaces/eth1",
             &json!({"iface_id": "eth1", "host_dev_name": tap.0,
-                    "rx_rate_limiter": {"ops": {"size": 10, "refill_time": 100}}})
+                    "rx_rate_limiter": {"ops": {"size": 0, "refill_time": 0, "one_time_burst": 1}}})
             .to_string(),
-            &["rx_rate_limiter"],
+            &["rx_rate_limiter.ops", "one_time_burst"],
         );
         bad(
             sock,
