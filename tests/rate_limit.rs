@@ -346,3 +346,100 @@ fn net_rx_and_tx_limits_hold_within_ten_percent() {
         }
     }
 }
+
+/// A snapshot keeps the limits in force: a disk booted with one limit and PATCHed to another
+/// (1 request per second) is snapshotted, the process killed, the snapshot loaded in a new
+/// process. The restored VM's config shows the PATCHed limit, and its disk is throttled: the
+/// count log (a write and a FLUSH per count) makes the limiter stop the queue, which the
+/// device's `throttled` counter in the metrics records.
+#[test]
+fn a_restored_vm_keeps_its_patched_limits() {
+    let test = "a_restored_vm_keeps_its_patched_limits";
+    if !require_kvm(test) {
+        return;
+    }
+    let dir = scratch(test);
+    let img = image(&dir.join("log.img"), 1 << 20);
+    let (sock, sock2) = (dir.join("a.sock"), dir.join("b.sock"));
+    let (snap, mem, metrics) = (dir.join("vm.snap"), dir.join("vm.mem"), dir.join("m.json"));
+    let mut vm = Ledge::spawn(&[
+        "run",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--console",
+        "stdio",
+        "--disk",
+        &format!("path={img},id=log,bw=64MiB"),
+        "--cmdline",
+        "probe=count probe.log=blk",
+    ]);
+    vm.wait_accepting(&sock);
+    vm.wait_count_above(Some(2), "before the PATCH");
+    let patch = r#"{"drive_id":"log","rate_limiter":{"ops":{"size":1,"refill_time":1000}}}"#;
+    let r = call(&sock, "PATCH", "/drives/log", Some(patch));
+    assert_eq!(r.status, 204, "{}", r.body);
+    let want = serde_json::json!({
+        "bandwidth": {"size": 64 << 20, "refill_time": 1000},
+        "ops": {"size": 1, "refill_time": 1000}
+    });
+    assert_eq!(get(&sock, "/vm/config")["drives"][0]["rate_limiter"], want);
+    let body = |v: serde_json::Value| v.to_string();
+    let ok = |sock: &Path, method: &str, path: &str, b: String| {
+        let r = call(sock, method, path, Some(&b));
+        assert_eq!(
+            r.status, 204,
+            "{method} {path} {b}: {} {}",
+            r.status, r.body
+        );
+    };
+    ok(&sock, "PATCH", "/vm", r#"{"state":"Paused"}"#.into());
+    ok(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        body(serde_json::json!({"snapshot_path": snap, "mem_file_path": mem})),
+    );
+    vm.signal(libc::SIGKILL);
+    vm.wait_exit(Duration::from_secs(30)).expect("SIGKILL");
+
+    let mut vm2 = Ledge::serve(&sock2, &[]);
+    ok(
+        &sock2,
+        "PUT",
+        "/snapshot/load",
+        body(serde_json::json!({
+            "snapshot_path": snap,
+            "mem_backend": {"backend_type": "File", "backend_path": mem},
+            "resume_vm": true,
+        })),
+    );
+    assert_eq!(
+        get(&sock2, "/vm/config")["drives"][0]["rate_limiter"],
+        want,
+        "the restored VM has the PATCHed limits"
+    );
+    ok(
+        &sock2,
+        "PUT",
+        "/metrics",
+        body(serde_json::json!({"metrics_path": metrics})),
+    );
+    let c = vm2.wait_count_above(None, "after the restore");
+    vm2.wait_count_above(Some(c + 2), "after the restore");
+    ok(
+        &sock2,
+        "PUT",
+        "/actions",
+        r#"{"action_type":"FlushMetrics"}"#.into(),
+    );
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let rec: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let blk = &rec["devices"]["block:log"];
+    assert!(
+        blk["throttled"].as_u64().unwrap_or(0) >= 2,
+        "the restored disk is rate limited: {blk}"
+    );
+    println!("restored disk: {blk}");
+    vm2.terminate();
+    let _ = std::fs::remove_dir_all(dir);
+}
