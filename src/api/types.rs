@@ -463,7 +463,10 @@ impl DrivePatch {
             if std::path::Path::new(p) != c.disks[index].path {
                 return Err(ApiError::unsupported(
                     "path_on_host",
-                    "a running drive's backing file cannot be swapped; leave path_on_host out",
+                    format!(
+                        "the backing file of running drive {} cannot be swapped; leave path_on_host out",
+                        self.drive_id
+                    ),
                 ));
             }
         }
