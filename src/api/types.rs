@@ -1320,6 +1320,35 @@ mod tests {
             .check(&c)
             .unwrap_err();
         assert!(e.message.contains("rx_rate_limiter.ops"), "{e}");
+        // A Firecracker config file carries them too; Ledge's own config round-trips them.
+        let fc = parse_config_file(
+            r#"{"boot-source":{"kernel_image_path":"/k"},
+                "drives":[{"drive_id":"rootfs","path_on_host":"/r","is_root_device":true,
+                           "rate_limiter":{"ops":{"size":500,"one_time_burst":100,"refill_time":1000}}}],
+                "network-interfaces":[{"iface_id":"eth0","host_dev_name":"tap0",
+                           "tx_rate_limiter":{"bandwidth":{"size":1048576,"refill_time":100}}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            fc.disks[0]
+                .rate_limiter
+                .unwrap()
+                .ops
+                .unwrap()
+                .one_time_burst,
+            Some(100)
+        );
+        assert!(fc.nets[0].tx_rate_limiter.is_some() && fc.nets[0].rx_rate_limiter.is_none());
+        let own = serde_json::to_string(&fc).unwrap();
+        let back = VmConfig::from_json(&own, std::path::Path::new("x.json")).unwrap();
+        assert_eq!(back, fc);
+        // An older config (or snapshot body) without the fields still parses.
+        let old = VmConfig::from_json(
+            r#"{"disks":[{"path":"/d"}],"nets":[{"tap":"t"}]}"#,
+            std::path::Path::new("x.json"),
+        )
+        .unwrap();
+        assert_eq!(old.disks[0].rate_limiter, None);
         // Entropy devices are not limited.
         let e = body::<Entropy>(r#"{"rate_limiter":{"ops":{"size":1,"refill_time":1}}}"#)
             .unwrap()
