@@ -16,6 +16,7 @@ Examples:
   ledge run --kernel vmlinux --initrd initramfs.cpio.gz --mem-mib 256
   ledge run --kernel bzImage --cmdline 'console=ttyS0 reboot=k panic=1' --console file:/tmp/con
   ledge run --config-file vm.json --vcpus 4   a config file, with one value overridden
+  ledge run --kernel vmlinux --disk path=rootfs.img,root,bw=10MiB,ops=500   a rate-limited disk
   ledge export-probe probe.elf                write the probe guest for other VMMs
   ledge snapshot create --api-sock /tmp/l.sock --snapshot vm.snap --mem vm.mem --pause
   ledge restore --snapshot vm.snap --mem vm.mem --api-sock /tmp/l2.sock
@@ -194,10 +195,14 @@ pub struct RunArgs {
     /// Boot protocol: auto (PVH if the ELF has the PVH note, else Linux), linux or pvh.
     #[arg(long, value_name = "PROTO")]
     pub boot_protocol: Option<BootProtocol>,
-    /// A virtio-blk disk: path=P[,ro][,id=ID][,root] (repeatable).
+    /// A virtio-blk disk: path=P[,ro][,id=ID][,root] (repeatable). Rate limits: bw=BYTES
+    /// (per second, e.g. 10MiB), ops=N (requests per second), or the full buckets bw-size=,
+    /// bw-refill-ms=, bw-burst=, ops-size=, ops-refill-ms=, ops-burst=.
     #[arg(long, value_name = "SPEC")]
     pub disk: Vec<crate::config::DiskConfig>,
-    /// A virtio-net interface on a TAP device: tap=NAME[,mac=MAC][,id=ID] (repeatable).
+    /// A virtio-net interface on a TAP device: tap=NAME[,mac=MAC][,id=ID] (repeatable). Rate
+    /// limits per direction (rx: to the guest, tx: from it): rx-bw=, rx-ops=, tx-bw=, tx-ops=,
+    /// and the full forms rx-bw-size=, rx-bw-refill-ms=, rx-bw-burst= ... as for --disk.
     #[arg(long, value_name = "SPEC")]
     pub net: Vec<crate::config::NetConfig>,
     /// virtio-vsock: cid=N,uds=PATH.

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::arch::x86_64::layout::{MAX_MEM_MIB, MIN_MEM_MIB};
 use crate::arch::x86_64::MAX_VCPUS;
 pub use crate::boot::BootProtocol;
+pub use crate::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
 
 /// Kernel command line used for a Linux kernel when the caller gives none.
 pub const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
@@ -68,6 +69,8 @@ pub enum ConfigError {
     VsockCid(u32),
     #[error("balloon of {balloon} MiB is larger than guest memory ({mem} MiB)")]
     BalloonTooBig { balloon: u32, mem: u64 },
+    #[error("{device}: {why}")]
+    RateLimiter { device: String, why: String },
 }
 
 /// The whole description of one VM.
@@ -117,6 +120,9 @@ pub struct DiskConfig {
     /// The guest's root file system: Ledge adds `root=/dev/vda` (and `ro` or `rw`).
     #[serde(default)]
     pub root: bool,
+    /// Bandwidth (bytes) and operations (requests) limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// One virtio-net interface on a TAP device.
@@ -130,6 +136,12 @@ pub struct NetConfig {
     pub mac: Option<MacAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// Limits on frames from the TAP to the guest (bytes are Ethernet frame bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits on frames from the guest to the TAP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// virtio-vsock: the guest's context id and the host socket it is reached through.
@@ -233,23 +245,152 @@ fn need<'a>(
         .ok_or_else(|| kv_error(flag, spec, format!("{key} needs a value")))
 }
 
+/// The rate-limit keys of `--disk` and `--net` (after any `rx-`/`tx-` prefix), collected
+/// before they become buckets: `bw=RATE` / `ops=N` (per second, bucket = one second of it),
+/// or the full form `bw-size=`, `bw-refill-ms=`, `bw-burst=` (and the same with `ops-`).
+#[derive(Default)]
+struct LimitKeys {
+    /// Index 0 bandwidth, 1 ops.
+    rate: [Option<u64>; 2],
+    size: [Option<u64>; 2],
+    refill_ms: [Option<u64>; 2],
+    burst: [Option<u64>; 2],
+}
+
+/// `10MiB`, `512K`, `1G`, `4096`: binary multiples (K, Ki, KiB are all 1024).
+fn parse_bytes(v: &str) -> Option<u64> {
+    let digits = v.bytes().take_while(u8::is_ascii_digit).count();
+    let (num, unit) = v.split_at(digits);
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "ki" | "kib" => 10,
+        "m" | "mi" | "mib" => 20,
+        "g" | "gi" | "gib" => 30,
+        _ => return None,
+    };
+    num.parse::<u64>().ok()?.checked_mul(1u64 << shift)
+}
+
+impl LimitKeys {
+    /// Takes `key=value` if it is a limit key; Ok(false) if it is not one.
+    fn take(
+        &mut self,
+        flag: &'static str,
+        spec: &str,
+        key: &str,
+        v: Option<&str>,
+    ) -> Result<bool, ConfigError> {
+        let (i, rest) = if let Some(r) = key.strip_prefix("bw") {
+            (0, r)
+        } else if let Some(r) = key.strip_prefix("ops") {
+            (1, r)
+        } else {
+            return Ok(false);
+        };
+        let slot = match rest {
+            "" => &mut self.rate[i],
+            "-size" => &mut self.size[i],
+            "-refill-ms" => &mut self.refill_ms[i],
+            "-burst" => &mut self.burst[i],
+            _ => return Ok(false),
+        };
+        let v = need(flag, spec, key, v)?;
+        let n = if i == 0 && rest != "-refill-ms" {
+            parse_bytes(v)
+        } else {
+            v.parse().ok()
+        };
+        let n = n.ok_or_else(|| {
+            let what = if i == 0 && rest != "-refill-ms" {
+                "a byte count like 4096, 512K, 10MiB or 1G (binary multiples), at most 2^64-1"
+            } else {
+                "a number"
+            };
+            kv_error(flag, spec, format!("{key} {v:?} is not {what}"))
+        })?;
+        if n == 0 && rest != "-burst" {
+            return Err(kv_error(
+                flag,
+                spec,
+                format!("{key}=0 limits nothing: leave {key} out for no limit"),
+            ));
+        }
+        *slot = Some(n);
+        Ok(true)
+    }
+
+    /// The limiter these keys describe (`prefix` names them in errors), None if none given.
+    fn finish(
+        self,
+        flag: &'static str,
+        spec: &str,
+        prefix: &str,
+    ) -> Result<Option<RateLimiterConfig>, ConfigError> {
+        let mut out = RateLimiterConfig::default();
+        for (i, name) in [(0, "bw"), (1, "ops")] {
+            let (rate, size, refill, burst) =
+                (self.rate[i], self.size[i], self.refill_ms[i], self.burst[i]);
+            let bucket = match (rate, size) {
+                (Some(_), Some(_)) => {
+                    return Err(kv_error(
+                        flag,
+                        spec,
+                        format!("{prefix}{name}= and {prefix}{name}-size= both given: use one"),
+                    ))
+                }
+                (Some(_), None) if refill.is_some() => {
+                    return Err(kv_error(
+                        flag,
+                        spec,
+                        format!("{prefix}{name}= is per second: give {prefix}{name}-size= with {prefix}{name}-refill-ms="),
+                    ))
+                }
+                (Some(n), None) | (None, Some(n)) => Some(TokenBucketConfig {
+                    size: n,
+                    one_time_burst: burst,
+                    refill_time: refill.unwrap_or(1000),
+                }),
+                (None, None) if refill.is_some() || burst.is_some() => {
+                    return Err(kv_error(
+                        flag,
+                        spec,
+                        format!("{prefix}{name}-refill-ms= and {prefix}{name}-burst= need {prefix}{name}= or {prefix}{name}-size="),
+                    ))
+                }
+                (None, None) => None,
+            };
+            if i == 0 {
+                out.bandwidth = bucket;
+            } else {
+                out.ops = bucket;
+            }
+        }
+        Ok((out != RateLimiterConfig::default()).then_some(out))
+    }
+}
+
+const DISK_USAGE: &str = "use path=P[,ro][,id=ID][,root][,bw=BYTES_PER_S][,ops=N_PER_S] (or bw-size=,bw-refill-ms=,bw-burst=, ops-size=,ops-refill-ms=,ops-burst=)";
+const NET_USAGE: &str = "use tap=NAME[,mac=MAC][,id=ID][,rx-bw=BYTES_PER_S][,tx-bw=..][,rx-ops=N_PER_S][,tx-ops=..] (or rx-bw-size=,rx-bw-refill-ms=,rx-bw-burst=, and the same for ops and tx)";
+
 impl FromStr for DiskConfig {
     type Err = ConfigError;
-    /// `path=P[,ro][,id=ID][,root]`
+    /// `path=P[,ro][,id=ID][,root][,bw=..][,ops=..]` (see `DISK_USAGE`).
     fn from_str(s: &str) -> Result<Self, ConfigError> {
         let f = "--disk";
         let (mut path, mut read_only, mut id, mut root) = (None, false, None, false);
+        let mut limits = LimitKeys::default();
         for (k, v) in key_values(s) {
             match (k, v) {
                 ("path", v) => path = Some(PathBuf::from(need(f, s, k, v)?)),
                 ("ro", None) | ("readonly", None) => read_only = true,
                 ("root", None) => root = true,
                 ("id", v) => id = Some(need(f, s, k, v)?.to_string()),
+                _ if limits.take(f, s, k, v)? => {}
                 _ => {
                     return Err(kv_error(
                         f,
                         s,
-                        format!("unknown option {k:?}: use path=P[,ro][,id=ID][,root]"),
+                        format!("unknown option {k:?}: {DISK_USAGE}"),
                     ))
                 }
             }
@@ -260,32 +401,40 @@ impl FromStr for DiskConfig {
             read_only,
             id,
             root,
+            rate_limiter: limits.finish(f, s, "")?,
         })
     }
 }
 
 impl FromStr for NetConfig {
     type Err = ConfigError;
-    /// `tap=NAME[,mac=MAC][,id=ID]`
+    /// `tap=NAME[,mac=MAC][,id=ID][,rx-bw=..][,tx-ops=..]` (see `NET_USAGE`).
     fn from_str(s: &str) -> Result<Self, ConfigError> {
         let f = "--net";
         let (mut tap, mut mac, mut id) = (None, None, None);
+        let (mut rx, mut tx) = (LimitKeys::default(), LimitKeys::default());
         for (k, v) in key_values(s) {
+            let taken = match (k.strip_prefix("rx-"), k.strip_prefix("tx-")) {
+                (Some(rest), _) => rx.take(f, s, rest, v)?,
+                (_, Some(rest)) => tx.take(f, s, rest, v)?,
+                _ => false,
+            };
             match k {
+                _ if taken => {}
                 "tap" => tap = Some(need(f, s, k, v)?.to_string()),
                 "mac" => mac = Some(need(f, s, k, v)?.parse()?),
                 "id" => id = Some(need(f, s, k, v)?.to_string()),
-                _ => {
-                    return Err(kv_error(
-                        f,
-                        s,
-                        format!("unknown option {k:?}: use tap=NAME[,mac=MAC][,id=ID]"),
-                    ))
-                }
+                _ => return Err(kv_error(f, s, format!("unknown option {k:?}: {NET_USAGE}"))),
             }
         }
         let tap = tap.ok_or_else(|| kv_error(f, s, "tap=NAME is required"))?;
-        Ok(NetConfig { tap, mac, id })
+        Ok(NetConfig {
+            tap,
+            mac,
+            id,
+            rx_rate_limiter: rx.finish(f, s, "rx-")?,
+            tx_rate_limiter: tx.finish(f, s, "tx-")?,
+        })
     }
 }
 
@@ -503,8 +652,18 @@ impl VmConfig {
             return Err(ConfigError::TooManyDevices(count));
         }
         let mut ids = std::collections::HashSet::new();
-        for d in &self.disks {
+        for (i, d) in self.disks.iter().enumerate() {
             check_path("disk path", Some(&d.path))?;
+            check_limiter(
+                || {
+                    format!(
+                        "disk {}",
+                        d.id.clone().unwrap_or_else(|| format!("disk{i}"))
+                    )
+                },
+                "rate_limiter",
+                &d.rate_limiter,
+            )?;
             if let Some(id) = &d.id {
                 if id.is_empty() || id.len() > MAX_DISK_ID_LEN {
                     return Err(ConfigError::DiskId(id.clone()));
@@ -523,6 +682,9 @@ impl VmConfig {
         let mut ids = std::collections::HashSet::new();
         let mut taps = std::collections::HashSet::new();
         for n in &self.nets {
+            let name = || format!("network interface {}", n.id.as_deref().unwrap_or(&n.tap));
+            check_limiter(name, "rx_rate_limiter", &n.rx_rate_limiter)?;
+            check_limiter(name, "tx_rate_limiter", &n.tx_rate_limiter)?;
             let ok = !n.tap.is_empty()
                 && n.tap.len() <= MAX_TAP_NAME_LEN
                 && n.tap
@@ -601,6 +763,20 @@ impl VmConfig {
     /// Reads and parses a config file in Ledge's own format.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         Self::from_json(&Self::read_file(path)?, path)
+    }
+}
+
+fn check_limiter(
+    device: impl Fn() -> String,
+    field: &str,
+    l: &Option<RateLimiterConfig>,
+) -> Result<(), ConfigError> {
+    match l {
+        Some(l) => l.validate(field).map_err(|e| ConfigError::RateLimiter {
+            device: device(),
+            why: e.to_string(),
+        }),
+        None => Ok(()),
     }
 }
 
@@ -726,7 +902,8 @@ mod tests {
                 path: "/img".into(),
                 read_only: true,
                 id: Some("data1".into()),
-                root: true
+                root: true,
+                rate_limiter: None,
             }
         );
         let n: NetConfig = "tap=tap0,mac=06:00:ac:10:00:02,id=eth0".parse().unwrap();
@@ -764,6 +941,7 @@ mod tests {
             read_only: false,
             id: Some(id.into()),
             root,
+            rate_limiter: None,
         };
         let mut c = VmConfig {
             disks: vec![disk("a", true), disk("a", false)],
@@ -781,6 +959,8 @@ mod tests {
             tap: "bad/name".into(),
             mac: None,
             id: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
         }];
         assert!(matches!(c.validate(), Err(ConfigError::TapName(_))));
         c.nets.clear();
@@ -804,6 +984,88 @@ mod tests {
         c.validate().unwrap();
         let json = serde_json::to_string(&c).unwrap();
         assert_eq!(json.matches("rng").count(), 1);
+    }
+
+    #[test]
+    fn rate_limit_flags_parse() {
+        let d: DiskConfig = "path=/x,bw=10MiB,ops=500".parse().unwrap();
+        assert_eq!(
+            d.rate_limiter,
+            Some(RateLimiterConfig {
+                bandwidth: Some(TokenBucketConfig::new(10 << 20, 1000)),
+                ops: Some(TokenBucketConfig::new(500, 1000)),
+            })
+        );
+        let d: DiskConfig = "path=/x,bw-size=1M,bw-refill-ms=100,bw-burst=4k,ops-size=8"
+            .parse()
+            .unwrap();
+        let l = d.rate_limiter.unwrap();
+        assert_eq!(
+            l.bandwidth,
+            Some(TokenBucketConfig {
+                size: 1 << 20,
+                one_time_burst: Some(4096),
+                refill_time: 100
+            })
+        );
+        assert_eq!(l.ops, Some(TokenBucketConfig::new(8, 1000)));
+        assert_eq!("path=/x".parse::<DiskConfig>().unwrap().rate_limiter, None);
+        let n: NetConfig = "tap=t0,rx-bw=1G,tx-ops=100,tx-bw-size=512,tx-bw-refill-ms=10"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            n.rx_rate_limiter.unwrap().bandwidth,
+            Some(TokenBucketConfig::new(1 << 30, 1000))
+        );
+        let tx = n.tx_rate_limiter.unwrap();
+        assert_eq!(tx.ops, Some(TokenBucketConfig::new(100, 1000)));
+        assert_eq!(tx.bandwidth, Some(TokenBucketConfig::new(512, 10)));
+        for bad in [
+            "path=/x,bw=0",
+            "path=/x,bw=10XB",
+            "path=/x,bw=",
+            "path=/x,bw=-1",
+            "path=/x,bw=16777216T",
+            "path=/x,bw=99999999999999999999",
+            "path=/x,bw=17179869184G",
+            "path=/x,bw=1M,bw-size=1M",
+            "path=/x,bw=1M,bw-refill-ms=10",
+            "path=/x,bw-refill-ms=10",
+            "path=/x,ops-burst=10",
+            "path=/x,ops=1.5",
+            "path=/x,ops-refill-ms=0,ops-size=1",
+            "path=/x,rx-bw=1M",
+            "path=/x,bwx=1",
+        ] {
+            let e = bad.parse::<DiskConfig>().unwrap_err().to_string();
+            assert!(e.starts_with("invalid --disk"), "{bad}: {e}");
+        }
+        for bad in [
+            "tap=t,bw=1M",
+            "tap=t,rx-bw=0",
+            "tap=t,tx-ops=x",
+            "tap=t,rx-=1",
+        ] {
+            assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
+        }
+        // A burst on a bucket that limits nothing is refused by validate (API bodies).
+        let mut c = VmConfig::default();
+        c.disks.push(DiskConfig {
+            rate_limiter: Some(RateLimiterConfig {
+                bandwidth: Some(TokenBucketConfig {
+                    size: 0,
+                    one_time_burst: Some(1),
+                    refill_time: 0,
+                }),
+                ops: None,
+            }),
+            ..d
+        });
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("disk disk0") && e.contains("one_time_burst"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -424,9 +424,15 @@ impl Controller {
             R::PatchMachineConfig(m) => self.pre_boot("PATCH /machine-config", |c| m.apply(c)),
             R::PutBootSource(b) => self.pre_boot("PUT /boot-source", |c| b.apply(c)),
             R::PutDrive(d) => self.pre_boot("PUT /drives", |c| d.apply(c)),
-            R::PatchDrive(p) => Err(p.refuse(state)),
+            R::PatchDrive(p) => match state {
+                VmState::NotStarted => Err(p.refuse_before_boot()),
+                _ => self.patch_drive(p),
+            },
             R::PutNetworkInterface(n) => self.pre_boot("PUT /network-interfaces", |c| n.apply(c)),
-            R::PatchNetworkInterface(p) => Err(p.refuse(state)),
+            R::PatchNetworkInterface(p) => match state {
+                VmState::NotStarted => Err(p.refuse_before_boot()),
+                _ => self.patch_network_interface(p),
+            },
             R::PutVsock(v) => self.pre_boot("PUT /vsock", |c| v.apply(c)),
             R::PutEntropy(e) => self.pre_boot("PUT /entropy", |c| e.apply(c)),
             R::PutBalloon(b) => self.pre_boot("PUT /balloon", |c| b.apply(c)),
@@ -495,6 +501,61 @@ impl Controller {
             R::CreateSnapshot(p) => self.create_snapshot(p),
             R::LoadSnapshot(p) => self.load_snapshot(p),
         }
+    }
+
+    /// `PATCH /drives/{id}` on a started VM: the live device's limiter, then the configuration
+    /// (`GET /vm/config` and snapshots show the limits in force).
+    fn patch_drive(&mut self, p: &types::DrivePatch) -> Reply {
+        let (index, update) = p.check(&self.config)?;
+        let vmm = self.running_vmm("PATCH /drives")?;
+        let Some(update) = update else {
+            return Ok(Response::NoContent);
+        };
+        let name = format!("block:{}", p.drive_id);
+        let now = vmm
+            .update_rate_limiter(&name, "rate_limiter", &update)
+            .map_err(|e| ApiError::bad_request(error_chain(&e)))?;
+        let now = (!now.is_unlimited()).then_some(now);
+        vmm.set_disk_limiter(index, now);
+        self.config.disks[index].rate_limiter = now;
+        log::info!("drive {}: rate limiter now {now:?}", p.drive_id);
+        Ok(Response::NoContent)
+    }
+
+    /// `PATCH /network-interfaces/{id}` on a started VM: each limiter given, as for drives.
+    fn patch_network_interface(&mut self, p: &types::NetworkInterfacePatch) -> Reply {
+        let index = p.check(&self.config)?;
+        let n = &self.config.nets[index];
+        let name = format!("net:{}", n.id.as_deref().unwrap_or(&n.tap));
+        let vmm = self.running_vmm("PATCH /network-interfaces")?;
+        let mut done = [None, None];
+        for (slot, field, update) in [
+            (0, "rx_rate_limiter", &p.rx_rate_limiter),
+            (1, "tx_rate_limiter", &p.tx_rate_limiter),
+        ] {
+            if let Some(u) = update {
+                let now = vmm
+                    .update_rate_limiter(&name, field, u)
+                    .map_err(|e| ApiError::bad_request(error_chain(&e)))?;
+                done[slot] = Some((!now.is_unlimited()).then_some(now));
+            }
+        }
+        let [rx, tx] = done;
+        vmm.set_net_limiters(index, rx, tx);
+        let n = &mut self.config.nets[index];
+        if let Some(rx) = rx {
+            n.rx_rate_limiter = rx;
+        }
+        if let Some(tx) = tx {
+            n.tx_rate_limiter = tx;
+        }
+        log::info!(
+            "network interface {}: rate limiters now rx {:?} tx {:?}",
+            p.iface_id,
+            n.rx_rate_limiter,
+            n.tx_rate_limiter
+        );
+        Ok(Response::NoContent)
     }
 
     fn create_snapshot(&mut self, p: &types::SnapshotCreateParams) -> Reply {

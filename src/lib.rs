@@ -42,6 +42,7 @@
 //! - `devices`: the buses, the legacy devices (COM1, i8042) and the virtio devices;
 //! - `logger`: the opt-in logger the binary installs (stderr or a file, level at run time);
 //! - `probe`: the embedded probe guest;
+//! - `rate_limiter`: token buckets for the virtio-blk and virtio-net devices;
 //! - `snapshot`: the snapshot state-file format, memory files and diff merging.
 //!
 //! resources/ARCHITECTURE.md has the longer version.
@@ -58,6 +59,7 @@ pub mod exit;
 pub mod kvm;
 pub mod logger;
 pub mod probe;
+pub mod rate_limiter;
 pub mod snapshot;
 pub mod vmm;
 

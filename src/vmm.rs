@@ -102,6 +102,17 @@ pub enum VmmError {
     Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error(transparent)]
     Memory(#[from] crate::kvm::memory::MemoryError),
+    #[error("this VM has no device {0}")]
+    NoDevice(String),
+    #[error("device {device} has no {field}")]
+    NoRateLimiter { device: String, field: String },
+    #[error("cannot update the {field} of {device}")]
+    RateLimiter {
+        device: String,
+        field: String,
+        #[source]
+        source: crate::rate_limiter::RateLimiterError,
+    },
 }
 
 /// Everything one VM is made of. Built by `builder::build`.
@@ -355,6 +366,66 @@ impl Vmm {
             state_bytes: state_bytes as u64,
             duration: t0.elapsed(),
         })
+    }
+
+    /// PATCH semantics on a live device's rate limiter (`device` as `devices()` names it,
+    /// `field` the API's name); returns the limits now in force. The caller records them in
+    /// the configuration (`set_disk_limiter`, `set_net_limiters`) so snapshots keep them.
+    pub fn update_rate_limiter(
+        &mut self,
+        device: &str,
+        field: &str,
+        update: &crate::rate_limiter::RateLimiterConfig,
+    ) -> Result<crate::rate_limiter::RateLimiterConfig, VmmError> {
+        let dev = self
+            .devices
+            .iter()
+            .find(|(n, _)| n == device)
+            .map(|(_, d)| d.clone())
+            .ok_or_else(|| VmmError::NoDevice(device.to_string()))?;
+        let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
+        let limiter = dev
+            .rate_limiter_mut(field)
+            .ok_or_else(|| VmmError::NoRateLimiter {
+                device: device.to_string(),
+                field: field.to_string(),
+            })?;
+        limiter
+            .update_buckets(update)
+            .map_err(|source| VmmError::RateLimiter {
+                device: device.to_string(),
+                field: field.to_string(),
+                source,
+            })?;
+        Ok(limiter.config())
+    }
+
+    /// Records disk `index`'s limits in the configuration snapshots save.
+    pub fn set_disk_limiter(
+        &mut self,
+        index: usize,
+        limits: Option<crate::rate_limiter::RateLimiterConfig>,
+    ) {
+        if let Some(d) = self.config.disks.get_mut(index) {
+            d.rate_limiter = limits;
+        }
+    }
+
+    /// Records interface `index`'s limits (None: unchanged) in the configuration.
+    pub fn set_net_limiters(
+        &mut self,
+        index: usize,
+        rx: Option<Option<crate::rate_limiter::RateLimiterConfig>>,
+        tx: Option<Option<crate::rate_limiter::RateLimiterConfig>>,
+    ) {
+        if let Some(n) = self.config.nets.get_mut(index) {
+            if let Some(rx) = rx {
+                n.rx_rate_limiter = rx;
+            }
+            if let Some(tx) = tx {
+                n.tx_rate_limiter = tx;
+            }
+        }
     }
 
     pub fn config(&self) -> &VmConfig {

@@ -47,7 +47,7 @@ fn canned(r: &Request) -> Result<Response, ApiError> {
         Request::GetBalloon | Request::GetBalloonStats => {
             return Err(ApiError::bad_request("no balloon device is configured"))
         }
-        Request::PatchDrive(p) => return Err(p.refuse(ledge::VmState::NotStarted)),
+        Request::PatchDrive(p) => return Err(p.refuse_before_boot()),
         _ => Response::NoContent,
     })
 }

@@ -287,8 +287,8 @@ fn every_endpoint_through_a_whole_lifecycle() {
         (json!({"io_engine": "Async"}), "io_engine"),
         (json!({"socket": "/tmp/vhost.sock"}), "socket"),
         (
-            json!({"rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}),
-            "rate_limiter",
+            json!({"rate_limiter": {"bandwidth": {"size": 0, "one_time_burst": 5, "refill_time": 100}}}),
+            "rate_limiter.bandwidth",
         ),
         (json!({"is_root_device": "yes"}), "does not match"),
         (json!({"bogus_field": 1}), "bogus_field"),
@@ -344,9 +344,9 @@ fn every_endpoint_through_a_whole_lifecycle() {
             "PUT",
             "/network-interfaces/eth1",
             &json!({"iface_id": "eth1", "host_dev_name": tap.0,
-                    "rx_rate_limiter": {"ops": {"size": 10, "refill_time": 100}}})
+                    "rx_rate_limiter": {"ops": {"size": 0, "refill_time": 0, "one_time_burst": 1}}})
             .to_string(),
-            &["rx_rate_limiter"],
+            &["rx_rate_limiter.ops", "one_time_burst"],
         );
         bad(
             sock,
@@ -722,8 +722,53 @@ fn every_endpoint_through_a_whole_lifecycle() {
         "PATCH",
         "/drives/d1",
         r#"{"drive_id":"d1","path_on_host":"/x"}"#,
-        &["d1"],
+        &["d1", "path_on_host"],
     );
+    // Rate limiters after boot: PATCH changes the live drive's, the config shows it.
+    ok(
+        sock,
+        "PATCH",
+        "/drives/d1",
+        r#"{"drive_id":"d1","rate_limiter":{"ops":{"size":1000,"refill_time":10}}}"#,
+    );
+    let drives = get(sock, "/vm/config")["drives"].clone();
+    let d1_now = drives
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["drive_id"] == "d1")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        d1_now["rate_limiter"],
+        json!({"ops": {"size": 1000, "refill_time": 10}}),
+        "{d1_now}"
+    );
+    bad(
+        sock,
+        "PATCH",
+        "/drives/nope",
+        r#"{"drive_id":"nope","rate_limiter":{}}"#,
+        &["nope"],
+    );
+    if tap.is_some() {
+        ok(
+            sock,
+            "PATCH",
+            "/network-interfaces/eth0",
+            r#"{"iface_id":"eth0","tx_rate_limiter":{"bandwidth":{"size":1048576,"refill_time":100}}}"#,
+        );
+        let n = get(sock, "/vm/config")["network-interfaces"][0].clone();
+        assert_eq!(n["tx_rate_limiter"]["bandwidth"]["size"], 1048576, "{n}");
+        assert!(n["rx_rate_limiter"].is_null(), "{n}");
+        bad(
+            sock,
+            "PATCH",
+            "/network-interfaces/eth0",
+            r#"{"iface_id":"eth0","rx_rate_limiter":{"ops":{"size":0,"refill_time":0,"one_time_burst":1}}}"#,
+            &["rx_rate_limiter.ops"],
+        );
+    }
 
     // Balloon after boot: statistics, a new target, a new interval.
     let stats = get(sock, "/balloon/statistics");

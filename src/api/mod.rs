@@ -56,14 +56,15 @@ pub enum Request {
     PutBootSource(types::BootSource),
     /// `PUT /drives/{drive_id}` (path id checked equal to the body's): pre-boot. `Drive::apply`.
     PutDrive(types::Drive),
-    /// `PATCH /drives/{drive_id}`: Firecracker allows it only after boot, and Ledge does not
-    /// support changing a drive of a running VM yet: `DrivePatch::refuse` gives the 400 for
-    /// every state.
+    /// `PATCH /drives/{drive_id}`: Running or Paused (as in Firecracker; before boot
+    /// `DrivePatch::refuse_before_boot`). Changes the live drive's rate limiter
+    /// (`DrivePatch::check`, then `Vmm::update_rate_limiter`) and the config; a new
+    /// `path_on_host` is refused.
     PatchDrive(types::DrivePatch),
     /// `PUT /network-interfaces/{iface_id}`: pre-boot. `NetworkInterface::apply`.
     PutNetworkInterface(types::NetworkInterface),
-    /// `PATCH /network-interfaces/{iface_id}`: like `PatchDrive`, refused in every state for
-    /// now (`NetworkInterfacePatch::refuse`).
+    /// `PATCH /network-interfaces/{iface_id}`: like `PatchDrive`, for the interface's
+    /// `rx_rate_limiter` and `tx_rate_limiter`.
     PatchNetworkInterface(types::NetworkInterfacePatch),
     /// `PUT /vsock`: pre-boot. `Vsock::apply`.
     PutVsock(types::Vsock),

@@ -82,36 +82,35 @@ pub fn version_json() -> Value {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Rate limiters (parsed so bodies are checked; refused when they limit anything)
+// Rate limiters
 
-/// Firecracker's token bucket.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenBucket {
-    pub size: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub one_time_burst: Option<u64>,
-    pub refill_time: u64,
-}
+/// Firecracker's token bucket and rate limiter are Ledge's own limiter configuration (the
+/// same fields; `refill_time` in ms; size or refill_time 0 means no limit).
+pub use crate::rate_limiter::{RateLimiterConfig as RateLimiter, TokenBucketConfig as TokenBucket};
 
-/// Firecracker's rate limiter: a bandwidth and an operations bucket.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimiter {
-    #[serde(default)]
-    pub bandwidth: Option<TokenBucket>,
-    #[serde(default)]
-    pub ops: Option<TokenBucket>,
-}
-
-/// A limiter with no bucket limits nothing and is accepted; any bucket is refused for now.
+/// Entropy devices have no limiter in Ledge: a limiter with no bucket is accepted, any
+/// bucket refused.
 fn refuse_rate_limiter(field: &str, r: &Option<RateLimiter>) -> Result<(), ApiError> {
     match r {
         Some(r) if r.bandwidth.is_some() || r.ops.is_some() => Err(ApiError::unsupported(
             field,
-            "rate limiting is not implemented yet; leave it out",
+            "virtio-rng is not rate limited; leave it out",
         )),
         _ => Ok(()),
+    }
+}
+
+/// A limiter from a body: checked (400 naming `field`), buckets that limit nothing dropped,
+/// None when nothing is left.
+fn accepted_limiter(field: &str, r: &Option<RateLimiter>) -> Result<Option<RateLimiter>, ApiError> {
+    match r {
+        None => Ok(None),
+        Some(r) => {
+            r.validate(field)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            let n = r.normalized();
+            Ok((!n.is_unlimited()).then_some(n))
+        }
     }
 }
 
@@ -371,7 +370,7 @@ impl Drive {
                 "vhost-user drives are not implemented; give path_on_host",
             ));
         }
-        refuse_rate_limiter("rate_limiter", &self.rate_limiter)?;
+        let rate_limiter = accepted_limiter("rate_limiter", &self.rate_limiter)?;
         let path = match self.path_on_host.as_deref() {
             None | Some("") => {
                 return Err(ApiError::bad_request(
@@ -385,6 +384,7 @@ impl Drive {
             read_only: self.is_read_only.unwrap_or(false),
             id: Some(self.drive_id.clone()),
             root: self.is_root_device,
+            rate_limiter,
         };
         commit(c, |c| {
             match c
@@ -418,7 +418,7 @@ impl Drive {
                 is_read_only: Some(d.read_only),
                 partuuid: None,
                 cache_type: CacheType::Writeback,
-                rate_limiter: None,
+                rate_limiter: d.rate_limiter,
                 io_engine: Some(IoEngine::Sync),
                 socket: None,
             })
@@ -438,19 +438,43 @@ pub struct DrivePatch {
 }
 
 impl DrivePatch {
-    /// The answer in every state for now: before boot Firecracker refuses it too (PUT the
-    /// drive again instead); after boot Ledge cannot change a drive yet.
-    pub fn refuse(&self, state: VmState) -> ApiError {
-        match state {
-            VmState::NotStarted => ApiError::bad_request(format!(
-                "PATCH /drives/{id} is for a started VM: before InstanceStart, PUT /drives/{id} again",
-                id = self.drive_id
-            )),
-            _ => ApiError::bad_request(format!(
-                "changing drive {} after boot is not supported by Ledge yet",
-                self.drive_id
-            )),
+    /// The answer before boot: Firecracker refuses it too (PUT the drive again instead).
+    pub fn refuse_before_boot(&self) -> ApiError {
+        ApiError::bad_request(format!(
+            "PATCH /drives/{id} is for a started VM: before InstanceStart, PUT /drives/{id} again",
+            id = self.drive_id
+        ))
+    }
+
+    /// After boot: the position of the drive in `c.disks`, and the limiter update to apply
+    /// (None: nothing to change). A new `path_on_host` is refused: Ledge does not swap a
+    /// running drive's backing file.
+    pub fn check(&self, c: &VmConfig) -> Result<(usize, Option<RateLimiter>), ApiError> {
+        let index = Drive::list_from_config(c)
+            .iter()
+            .position(|d| d.drive_id == self.drive_id)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "there is no drive {:?}: GET /vm/config lists the drives",
+                    self.drive_id
+                ))
+            })?;
+        if let Some(p) = &self.path_on_host {
+            if std::path::Path::new(p) != c.disks[index].path {
+                return Err(ApiError::unsupported(
+                    "path_on_host",
+                    format!(
+                        "the backing file of running drive {} cannot be swapped; leave path_on_host out",
+                        self.drive_id
+                    ),
+                ));
+            }
         }
+        if let Some(r) = &self.rate_limiter {
+            r.validate("rate_limiter")
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        }
+        Ok((index, self.rate_limiter))
     }
 }
 
@@ -474,8 +498,8 @@ pub struct NetworkInterface {
 impl NetworkInterface {
     /// Pre-boot: adds the interface, or replaces the one with the same id.
     pub fn apply(&self, c: &mut VmConfig) -> Result<(), ApiError> {
-        refuse_rate_limiter("rx_rate_limiter", &self.rx_rate_limiter)?;
-        refuse_rate_limiter("tx_rate_limiter", &self.tx_rate_limiter)?;
+        let rx_rate_limiter = accepted_limiter("rx_rate_limiter", &self.rx_rate_limiter)?;
+        let tx_rate_limiter = accepted_limiter("tx_rate_limiter", &self.tx_rate_limiter)?;
         let mac = match self.guest_mac.as_deref() {
             None => None,
             Some(m) => Some(m.parse::<MacAddr>().map_err(|_| {
@@ -488,6 +512,8 @@ impl NetworkInterface {
             tap: self.host_dev_name.clone(),
             mac,
             id: Some(self.iface_id.clone()),
+            rx_rate_limiter,
+            tx_rate_limiter,
         };
         commit(c, |c| {
             match c
@@ -510,8 +536,8 @@ impl NetworkInterface {
                 iface_id: n.id.clone().unwrap_or_else(|| format!("net{i}")),
                 host_dev_name: n.tap.clone(),
                 guest_mac: n.mac.map(|m| m.to_string()),
-                rx_rate_limiter: None,
-                tx_rate_limiter: None,
+                rx_rate_limiter: n.rx_rate_limiter,
+                tx_rate_limiter: n.tx_rate_limiter,
             })
             .collect()
     }
@@ -529,18 +555,35 @@ pub struct NetworkInterfacePatch {
 }
 
 impl NetworkInterfacePatch {
-    /// The answer in every state for now (see `DrivePatch::refuse`).
-    pub fn refuse(&self, state: VmState) -> ApiError {
-        match state {
-            VmState::NotStarted => ApiError::bad_request(format!(
-                "PATCH /network-interfaces/{id} is for a started VM: before InstanceStart, PUT /network-interfaces/{id} again",
-                id = self.iface_id
-            )),
-            _ => ApiError::bad_request(format!(
-                "changing network interface {} after boot is not supported by Ledge yet",
-                self.iface_id
-            )),
+    /// The answer before boot (see `DrivePatch::refuse_before_boot`).
+    pub fn refuse_before_boot(&self) -> ApiError {
+        ApiError::bad_request(format!(
+            "PATCH /network-interfaces/{id} is for a started VM: before InstanceStart, PUT /network-interfaces/{id} again",
+            id = self.iface_id
+        ))
+    }
+
+    /// After boot: the interface's position in `c.nets`, checked limiter updates.
+    pub fn check(&self, c: &VmConfig) -> Result<usize, ApiError> {
+        let index = NetworkInterface::list_from_config(c)
+            .iter()
+            .position(|n| n.iface_id == self.iface_id)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "there is no network interface {:?}: GET /vm/config lists them",
+                    self.iface_id
+                ))
+            })?;
+        for (field, r) in [
+            ("rx_rate_limiter", &self.rx_rate_limiter),
+            ("tx_rate_limiter", &self.tx_rate_limiter),
+        ] {
+            if let Some(r) = r {
+                r.validate(field)
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            }
         }
+        Ok(index)
     }
 }
 
@@ -1161,8 +1204,8 @@ mod tests {
                 "io_engine",
             ),
             (
-                r#"{"drive_id":"x","path_on_host":"/x","is_root_device":false,"rate_limiter":{"ops":{"size":1,"refill_time":100}}}"#,
-                "rate_limiter",
+                r#"{"drive_id":"x","path_on_host":"/x","is_root_device":false,"rate_limiter":{"ops":{"size":0,"one_time_burst":5,"refill_time":100}}}"#,
+                "rate_limiter.ops",
             ),
             (
                 r#"{"drive_id":"x","socket":"/s","is_root_device":false}"#,
@@ -1176,6 +1219,142 @@ mod tests {
         assert_eq!(c.disks.len(), 2);
         let listed = Drive::list_from_config(&c);
         assert_eq!(listed[0].drive_id, "rootfs");
+    }
+
+    #[test]
+    fn rate_limiters_on_drives_and_interfaces() {
+        let mut c = VmConfig::default();
+        body::<Drive>(
+            r#"{"drive_id":"d","path_on_host":"/d","is_root_device":false,
+                "rate_limiter":{"bandwidth":{"size":10485760,"refill_time":1000},
+                                "ops":{"size":0,"refill_time":0}}}"#,
+        )
+        .unwrap()
+        .apply(&mut c)
+        .unwrap();
+        let want = RateLimiter {
+            bandwidth: Some(TokenBucket::new(10 << 20, 1000)),
+            ops: None,
+        };
+        assert_eq!(
+            c.disks[0].rate_limiter,
+            Some(want),
+            "the no-limit bucket is dropped"
+        );
+        assert_eq!(Drive::list_from_config(&c)[0].rate_limiter, Some(want));
+        // A limiter that limits nothing is no limiter.
+        body::<Drive>(
+            r#"{"drive_id":"e","path_on_host":"/e","is_root_device":false,"rate_limiter":{}}"#,
+        )
+        .unwrap()
+        .apply(&mut c)
+        .unwrap();
+        assert_eq!(c.disks[1].rate_limiter, None);
+        assert!(body::<Drive>(
+            r#"{"drive_id":"x","path_on_host":"/x","is_root_device":false,"rate_limiter":{"bandwidth":{"size":1}}}"#
+        )
+        .is_err(), "refill_time is required");
+        assert!(body::<Drive>(
+            r#"{"drive_id":"x","path_on_host":"/x","is_root_device":false,"rate_limiter":{"bandwidth":{"size":-1,"refill_time":1}}}"#
+        )
+        .is_err());
+
+        // PATCH checks (the controller applies them to the live device).
+        let p = |s: &str| body::<DrivePatch>(s).unwrap();
+        let (i, u) = p(r#"{"drive_id":"e","rate_limiter":{"ops":{"size":5,"refill_time":10}}}"#)
+            .check(&c)
+            .unwrap();
+        assert_eq!(i, 1);
+        assert_eq!(u.unwrap().ops, Some(TokenBucket::new(5, 10)));
+        let (_, u) = p(r#"{"drive_id":"d","path_on_host":"/d"}"#)
+            .check(&c)
+            .unwrap();
+        assert_eq!(u, None, "same path, no limiter: nothing to do");
+        for (b, needle) in [
+            (r#"{"drive_id":"nope"}"#, "no drive"),
+            (
+                r#"{"drive_id":"d","path_on_host":"/other"}"#,
+                "path_on_host",
+            ),
+            (
+                r#"{"drive_id":"d","rate_limiter":{"bandwidth":{"size":0,"one_time_burst":1,"refill_time":5}}}"#,
+                "one_time_burst",
+            ),
+        ] {
+            let e = p(b).check(&c).unwrap_err();
+            assert!(e.message.contains(needle), "{b}: {e}");
+        }
+        assert!(p(r#"{"drive_id":"d"}"#)
+            .refuse_before_boot()
+            .message
+            .contains("PUT /drives/d"));
+
+        body::<NetworkInterface>(
+            r#"{"iface_id":"eth0","host_dev_name":"tap0",
+                "rx_rate_limiter":{"bandwidth":{"size":1000,"one_time_burst":50,"refill_time":100}},
+                "tx_rate_limiter":{"ops":{"size":100,"refill_time":1000}}}"#,
+        )
+        .unwrap()
+        .apply(&mut c)
+        .unwrap();
+        let n = &c.nets[0];
+        assert_eq!(
+            n.rx_rate_limiter.unwrap().bandwidth.unwrap().one_time_burst,
+            Some(50)
+        );
+        assert_eq!(
+            n.tx_rate_limiter.unwrap().ops,
+            Some(TokenBucket::new(100, 1000))
+        );
+        let listed = NetworkInterface::list_from_config(&c);
+        assert_eq!(listed[0].tx_rate_limiter, n.tx_rate_limiter);
+        let np = |s: &str| body::<NetworkInterfacePatch>(s).unwrap();
+        assert_eq!(
+            np(r#"{"iface_id":"eth0","tx_rate_limiter":{}}"#)
+                .check(&c)
+                .unwrap(),
+            0
+        );
+        assert!(np(r#"{"iface_id":"eth9"}"#).check(&c).is_err());
+        let e = np(r#"{"iface_id":"eth0","rx_rate_limiter":{"ops":{"size":0,"refill_time":0,"one_time_burst":3}}}"#)
+            .check(&c)
+            .unwrap_err();
+        assert!(e.message.contains("rx_rate_limiter.ops"), "{e}");
+        // A Firecracker config file carries them too; Ledge's own config round-trips them.
+        let fc = parse_config_file(
+            r#"{"boot-source":{"kernel_image_path":"/k"},
+                "drives":[{"drive_id":"rootfs","path_on_host":"/r","is_root_device":true,
+                           "rate_limiter":{"ops":{"size":500,"one_time_burst":100,"refill_time":1000}}}],
+                "network-interfaces":[{"iface_id":"eth0","host_dev_name":"tap0",
+                           "tx_rate_limiter":{"bandwidth":{"size":1048576,"refill_time":100}}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            fc.disks[0]
+                .rate_limiter
+                .unwrap()
+                .ops
+                .unwrap()
+                .one_time_burst,
+            Some(100)
+        );
+        assert!(fc.nets[0].tx_rate_limiter.is_some() && fc.nets[0].rx_rate_limiter.is_none());
+        let own = serde_json::to_string(&fc).unwrap();
+        let back = VmConfig::from_json(&own, std::path::Path::new("x.json")).unwrap();
+        assert_eq!(back, fc);
+        // An older config (or snapshot body) without the fields still parses.
+        let old = VmConfig::from_json(
+            r#"{"disks":[{"path":"/d"}],"nets":[{"tap":"t"}]}"#,
+            std::path::Path::new("x.json"),
+        )
+        .unwrap();
+        assert_eq!(old.disks[0].rate_limiter, None);
+        // Entropy devices are not limited.
+        let e = body::<Entropy>(r#"{"rate_limiter":{"ops":{"size":1,"refill_time":1}}}"#)
+            .unwrap()
+            .apply(&mut c)
+            .unwrap_err();
+        assert!(e.message.contains("rate_limiter"), "{e}");
     }
 
     #[test]
@@ -1357,6 +1536,8 @@ mod tests {
             tap: "tap0".into(),
             mac: None,
             id: Some("eth0".into()),
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
         });
         let o = p(
             r#"{"snapshot_path":"/s","network_overrides":[{"iface_id":"eth0","host_dev_name":"tap9"}],"track_dirty_pages":true}"#,

@@ -218,6 +218,11 @@ pub trait VirtioDevice: Send {
     /// put back (`next_avail` rewound), so that a device restored from them takes those chains
     /// again. Empty when not active.
     fn queue_states(&self) -> Vec<QueueState>;
+    /// The device's rate limiter called `field` (the API's name: `rate_limiter`,
+    /// `rx_rate_limiter`, `tx_rate_limiter`), for live updates; None if it has none so named.
+    fn rate_limiter_mut(&mut self, _field: &str) -> Option<&mut crate::rate_limiter::RateLimiter> {
+        None
+    }
 }
 
 /// `queue.state()` with `next_avail` moved back by `held` chains (taken, not yet returned).

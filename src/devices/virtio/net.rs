@@ -22,6 +22,13 @@
 //! kernel refuses are never offered. Transmit offloads need no set-up: the kernel accepts
 //! partial checksums and GSO frames from any writer with a vnet header.
 //!
+//! Rate limiting (`crate::rate_limiter`): separate receive and transmit limiters; each frame
+//! costs one operation and its Ethernet bytes (without the vnet header). Transmit: a chain the
+//! limiter refuses goes back to the available ring and the transmit queue is left alone until
+//! the limiter's timer fires. Receive: a frame read from the TAP and refused is kept pending
+//! (charged once it passes), the TAP is unregistered — frames wait in the kernel's queue — and
+//! reading resumes on the timer.
+//!
 //! Ordering: `set_acked_features` (FEATURES_OK, on a vCPU thread) sets the TAP offloads
 //! before `activate` (DRIVER_OK); the TAP is registered with the event loop only once the
 //! device is active, and unregistered whenever the device cannot take a frame.
@@ -42,7 +49,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO,
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
-use virtio_queue::{DescriptorChain, Queue, QueueState, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -54,6 +61,7 @@ use super::{
 };
 use crate::config::NetConfig;
 use crate::devices::state::{DeviceSnapshot, StateError};
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError};
 
 pub const QUEUE_SIZE: u16 = 256;
 const RX_QUEUE: usize = 0;
@@ -61,6 +69,8 @@ const TX_QUEUE: usize = 1;
 const TOKEN_RX: u32 = TOKEN_QUEUE0;
 const TOKEN_TX: u32 = TOKEN_QUEUE0 + 1;
 const TOKEN_TAP: u32 = TOKEN_BACKEND;
+const TOKEN_RX_LIMITER: u32 = TOKEN_BACKEND + 1;
+const TOKEN_TX_LIMITER: u32 = TOKEN_BACKEND + 2;
 
 /// The largest frame: a 64 KiB GSO frame plus an Ethernet header with a VLAN tag.
 pub const MAX_FRAME_LEN: usize = 64 * 1024 + 18;
@@ -104,6 +114,12 @@ pub enum NetError {
     /// A descriptor chain the driver offered is malformed (logged, never returned to callers).
     #[error("bad descriptor chain: {0}")]
     BadChain(&'static str),
+    #[error("invalid {which} rate limiter")]
+    RateLimiter {
+        which: &'static str,
+        #[source]
+        source: RateLimiterError,
+    },
 }
 
 /// Counters for metrics and tests. Bytes count Ethernet frames, without the vnet header.
@@ -121,6 +137,9 @@ pub struct NetStats {
     pub tx_drops: u64,
     /// Malformed or oversized transmit chains and failed TAP writes.
     pub tx_errors: u64,
+    /// Times the receive / transmit rate limiter stopped the device.
+    pub rx_throttled: u64,
+    pub tx_throttled: u64,
 }
 
 /// Where frames come from and go to.
@@ -171,9 +190,14 @@ pub struct Net {
     acked: u64,
     active: Option<Active>,
     activate_evt: ActivateEvent,
-    /// One frame from the TAP; `rx_pending` is its length while the guest has no room for it.
+    /// One frame from the TAP; `rx_pending` is its length while the guest has no room for it
+    /// (or the receive limiter holds it back).
     rx_buf: Vec<u8>,
     rx_pending: Option<usize>,
+    /// The pending frame went through the receive limiter already.
+    rx_charged: bool,
+    rx_limiter: RateLimiter,
+    tx_limiter: RateLimiter,
     /// Chains taken from the receive queue for a frame that did not fit yet (MRG_RXBUF).
     rx_held: VecDeque<RxChain>,
     /// The guest has no room: the TAP is not watched until it adds buffers.
@@ -210,7 +234,24 @@ impl Net {
             cfg.tap,
             crate::config::MacAddr(mac)
         );
-        Self::build(Backend::Tap(tap), mac, features)
+        let mut net = Self::build(Backend::Tap(tap), mac, features)?;
+        net.set_limits(cfg.rx_rate_limiter, cfg.tx_rate_limiter)?;
+        Ok(net)
+    }
+
+    /// Replaces both limiters (with fresh, full buckets).
+    fn set_limits(
+        &mut self,
+        rx: Option<RateLimiterConfig>,
+        tx: Option<RateLimiterConfig>,
+    ) -> Result<(), NetError> {
+        let make = |which, c: Option<RateLimiterConfig>| {
+            RateLimiter::new(&c.unwrap_or_default())
+                .map_err(|source| NetError::RateLimiter { which, source })
+        };
+        self.rx_limiter = make("receive", rx)?;
+        self.tx_limiter = make("transmit", tx)?;
+        Ok(())
     }
 
     /// A device on a caller-provided, non-blocking fd that behaves like a TAP with a 12-byte
@@ -224,7 +265,14 @@ impl Net {
     }
 
     fn build(backend: Backend, mac: [u8; 6], avail_features: u64) -> Result<Net, NetError> {
+        let unlimited = |which| {
+            RateLimiter::new(&RateLimiterConfig::default())
+                .map_err(|source| NetError::RateLimiter { which, source })
+        };
         Ok(Net {
+            rx_charged: false,
+            rx_limiter: unlimited("receive")?,
+            tx_limiter: unlimited("transmit")?,
             backend,
             mac,
             avail_features,
@@ -258,9 +306,10 @@ impl Net {
         }
     }
 
-    /// Whether the TAP should be watched now: active, room in the guest, backend alive.
+    /// Whether the TAP should be watched now: active, room in the guest, backend alive, the
+    /// receive limiter not waiting.
     fn wants_tap(&self) -> bool {
-        self.active.is_some() && !self.rx_paused && !self.rx_dead
+        self.active.is_some() && !self.rx_paused && !self.rx_dead && !self.rx_limiter.is_blocked()
     }
 
     /// Moves frames from the TAP into the guest until the TAP is empty, the guest has no room,
@@ -269,6 +318,10 @@ impl Net {
         let Some(a) = self.active.as_mut() else {
             return 0;
         };
+        if self.rx_limiter.is_blocked() {
+            // Its timer brings us back.
+            return 0;
+        }
         let mrg = self.acked & bit(VIRTIO_NET_F_MRG_RXBUF) != 0;
         let mut used = 0;
         let mut frames = 0;
@@ -292,14 +345,25 @@ impl Net {
                 }
             };
             self.rx_pending = Some(len);
+            if !self.rx_charged {
+                let lim = &mut self.rx_limiter;
+                if !lim.is_unlimited() && !lim.consume_request((len - VNET_HDR_LEN) as u64) {
+                    // Held until the timer; the TAP is unregistered meanwhile.
+                    self.stats.rx_throttled += 1;
+                    break;
+                }
+                self.rx_charged = true;
+            }
             let Some(buf) = self.rx_buf.get_mut(..len) else {
                 // Cannot happen: reads are bounded by the buffer.
                 self.rx_pending = None;
+                self.rx_charged = false;
                 continue;
             };
             match deliver(a, &mut self.rx_held, buf, mrg, &mut self.stats, &mut used) {
                 Delivery::Done => {
                     self.rx_pending = None;
+                    self.rx_charged = false;
                     frames += 1;
                 }
                 Delivery::NoRoom => {
@@ -320,10 +384,26 @@ impl Net {
         let Some(a) = self.active.as_mut() else {
             return 0;
         };
+        let limiter = &mut self.tx_limiter;
+        if limiter.is_blocked() {
+            return 0;
+        }
         let mut used = 0;
         'outer: loop {
             let mut popped = false;
             while let Some(chain) = a.tx.pop_descriptor_chain(&a.mem) {
+                if !limiter.is_unlimited() {
+                    let bytes = chain
+                        .clone()
+                        .fold(0u64, |n, d| n.saturating_add(u64::from(d.len())))
+                        .saturating_sub(VNET_HDR_LEN as u64);
+                    if !limiter.consume_request(bytes) {
+                        // Back into the available ring; the timer resumes transmission.
+                        a.tx.go_to_previous_position();
+                        self.stats.tx_throttled += 1;
+                        break 'outer;
+                    }
+                }
                 popped = true;
                 let head = chain.head_index();
                 send(
@@ -816,6 +896,7 @@ impl VirtioDevice for Net {
         if self.rx_pending.take().is_some() {
             self.stats.rx_drops += 1;
         }
+        self.rx_charged = false;
         self.rx_held.clear();
         self.rx_paused = false;
         if let Backend::Tap(tap) = &self.backend {
@@ -877,6 +958,14 @@ impl VirtioDevice for Net {
         };
         vec![rx, a.tx.state()]
     }
+
+    fn rate_limiter_mut(&mut self, field: &str) -> Option<&mut RateLimiter> {
+        match field {
+            "rx_rate_limiter" => Some(&mut self.rx_limiter),
+            "tx_rate_limiter" => Some(&mut self.tx_limiter),
+            _ => None,
+        }
+    }
 }
 
 impl MutEventSubscriber for Net {
@@ -904,6 +993,14 @@ impl MutEventSubscriber for Net {
             TOKEN_TAP => {
                 self.process_rx();
             }
+            TOKEN_RX_LIMITER => {
+                self.rx_limiter.on_timer();
+                self.process_rx();
+            }
+            TOKEN_TX_LIMITER => {
+                self.tx_limiter.on_timer();
+                self.process_tx();
+            }
             other => log::debug!("virtio-net: unexpected event token {other}"),
         }
         self.sync_tap(ops);
@@ -911,6 +1008,14 @@ impl MutEventSubscriber for Net {
 
     fn init(&mut self, ops: &mut EventOps) {
         self.activate_evt.watch(ops);
+        for (l, token) in [
+            (&self.rx_limiter, TOKEN_RX_LIMITER),
+            (&self.tx_limiter, TOKEN_TX_LIMITER),
+        ] {
+            if let Err(e) = ops.add(Events::with_data_raw(l.timer_fd(), token, EventSet::IN)) {
+                log::error!("virtio-net: cannot watch a rate limiter's timer: {e}");
+            }
+        }
     }
 }
 
@@ -1099,6 +1204,79 @@ mod tests {
         assert_eq!(r.irq.status() & 1, 1);
         let s = r.net.stats();
         assert_eq!((s.tx_frames, s.tx_bytes, s.tx_errors), (1, 1000, 0));
+    }
+
+    fn wait_readable(fd: std::os::fd::RawFd) {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, 5000) };
+        assert_eq!(n, 1, "the limiter's timer fires");
+    }
+
+    /// One frame per 150 ms each way: the second frame waits for the limiter's timer — a
+    /// transmit chain back in the ring, a received frame pending with the TAP unwatched.
+    #[test]
+    fn limiters_hold_frames_back_until_their_timer() {
+        use crate::rate_limiter::TokenBucketConfig;
+        let mem = memory();
+        let (mut net, peer) = socket_net();
+        let one_per_150ms = Some(RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(TokenBucketConfig::new(1, 150)),
+        });
+        net.set_limits(one_per_150ms, one_per_150ms).unwrap();
+        let mut r = rig_with(&mem, 16, 0, false, net, peer);
+
+        let (p1, p2) = (packet(100, 1), packet(100, 2));
+        mem.write_slice(&p1, GuestAddress(0x10000)).unwrap();
+        mem.write_slice(&p2, GuestAddress(0x11000)).unwrap();
+        r.push(TX_QUEUE, &[(0x10000, 112, R)]);
+        r.push(TX_QUEUE, &[(0x11000, 112, R)]);
+        assert_eq!(r.net.process_tx(), 1);
+        assert_eq!(r.host_recv().as_deref(), Some(&p1[..]));
+        assert_eq!(r.host_recv(), None, "the second frame waits");
+        assert!(r.net.tx_limiter.is_blocked());
+        let a = r.net.active.as_ref().unwrap();
+        assert_eq!(
+            a.tx.next_avail(),
+            1,
+            "the refused chain is back in the ring"
+        );
+        assert_eq!(
+            r.net.process_tx(),
+            0,
+            "a notification meanwhile changes nothing"
+        );
+        wait_readable(r.net.tx_limiter.timer_fd());
+        r.net.tx_limiter.on_timer();
+        assert_eq!(r.net.process_tx(), 1);
+        assert_eq!(r.host_recv().as_deref(), Some(&p2[..]));
+        assert_eq!(r.used(TX_QUEUE), vec![(0, 0), (1, 0)]);
+
+        r.push(RX_QUEUE, &[(0x20000, 2000, W)]);
+        r.push(RX_QUEUE, &[(0x22000, 2000, W)]);
+        let (f1, f2) = (packet(300, 3), packet(300, 4));
+        r.peer.send(&f1).unwrap();
+        r.peer.send(&f2).unwrap();
+        assert_eq!(r.net.process_rx(), 1);
+        assert_eq!(r.net.rx_pending, Some(312), "read from the TAP, held back");
+        assert!(
+            !r.net.wants_tap(),
+            "the TAP is not watched while the limiter waits"
+        );
+        wait_readable(r.net.rx_limiter.timer_fd());
+        r.net.rx_limiter.on_timer();
+        assert!(r.net.wants_tap());
+        assert_eq!(r.net.process_rx(), 1);
+        assert_eq!(r.used(RX_QUEUE), vec![(0, 312), (1, 312)]);
+        assert_eq!(r.read(0x22000, 312), with_num_buffers(&f2, 1));
+        let s = r.net.stats();
+        assert_eq!((s.tx_frames, s.tx_throttled), (2, 1));
+        assert_eq!((s.rx_frames, s.rx_throttled, s.rx_drops), (2, 1, 0));
     }
 
     #[test]
@@ -1519,6 +1697,8 @@ mod tests {
             tap: name.clone(),
             mac: None,
             id: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
         };
         let net = Net::new(&cfg, 3).unwrap();
         assert_eq!(net.tap_name(), Some(name.as_str()));

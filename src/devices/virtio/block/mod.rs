@@ -23,6 +23,12 @@
 //!   re-enabled and re-checked, so a buffer added in between is never missed.
 //! - The capacity is fixed when the device is created (file size / 512; a partial last
 //!   sector is not exposed).
+//! - Rate limiting (`crate::rate_limiter`): each chain costs one operation and its data bytes
+//!   (the descriptors' lengths less the 16-byte header and the status byte), charged before
+//!   it is served. A chain the limiter refuses is put back in the available ring (the queue
+//!   goes back one position) and the device takes nothing more from the queue until the
+//!   limiter's timer fires; queue notifications meanwhile are read and ignored. Nothing is
+//!   ever held, so a snapshot or a reset finds no request in flight.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -39,8 +45,9 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_OUT,
 };
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueState, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
@@ -49,6 +56,7 @@ use super::{
 };
 use crate::config::DiskConfig;
 use crate::devices::state::{DeviceSnapshot, StateError};
+use crate::rate_limiter::{RateLimiter, RateLimiterError};
 
 pub const QUEUE_SIZE: u16 = 256;
 /// The sector size of the virtio-blk protocol; also the block size we report.
@@ -86,7 +94,16 @@ pub enum BlockError {
     IdTooLong(String),
     #[error("cannot create the activation eventfd")]
     EventFd(#[source] io::Error),
+    #[error("disk {id}: invalid rate limiter")]
+    RateLimiter {
+        id: String,
+        #[source]
+        source: RateLimiterError,
+    },
 }
+
+/// The event token of the rate limiter's timer.
+const TOKEN_LIMITER: u32 = super::TOKEN_BACKEND;
 
 /// Counters for metrics and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -105,6 +122,8 @@ pub struct BlockStats {
     pub bytes_written: u64,
     /// Requests answered IOERR or UNSUPP, and malformed chains returned with length 0.
     pub errors: u64,
+    /// Times the rate limiter stopped the queue.
+    pub throttled: u64,
 }
 
 /// The request status byte (§5.2.6).
@@ -182,6 +201,7 @@ pub struct Block {
     acked: u64,
     active: Option<Active>,
     activate_evt: ActivateEvent,
+    limiter: RateLimiter,
 }
 
 impl Block {
@@ -215,6 +235,13 @@ impl Block {
         if capacity == 0 {
             return Err(BlockError::Empty { path });
         }
+        let limiter =
+            RateLimiter::new(&cfg.rate_limiter.unwrap_or_default()).map_err(|source| {
+                BlockError::RateLimiter {
+                    id: id_str.clone(),
+                    source,
+                }
+            })?;
         if size % SECTOR_SIZE != 0 {
             log::warn!(
                 "disk image {}: size {size} is not a multiple of {SECTOR_SIZE}; the last {} bytes are not exposed",
@@ -237,7 +264,13 @@ impl Block {
             acked: 0,
             active: None,
             activate_evt: ActivateEvent::new().map_err(BlockError::EventFd)?,
+            limiter,
         })
+    }
+
+    /// The limits in force now (after any live update).
+    pub fn rate_limiter(&self) -> &RateLimiter {
+        &self.limiter
     }
 
     pub fn stats(&self) -> BlockStats {
@@ -269,6 +302,11 @@ impl Block {
         let Some(a) = self.active.as_mut() else {
             return 0;
         };
+        let limiter = &mut self.limiter;
+        if limiter.is_blocked() {
+            // The limiter's timer brings us back.
+            return 0;
+        }
         let disk = &mut self.disk;
         let (mut popped, mut used) = (0, 0);
         let mut first_pass = true;
@@ -278,6 +316,12 @@ impl Block {
             }
             let popped_before = popped;
             while let Some(chain) = a.queue.pop_descriptor_chain(&a.mem) {
+                if !limiter.is_unlimited() && !limiter.consume_request(request_bytes(&chain)) {
+                    // Back into the available ring, untouched; the timer resumes the queue.
+                    a.queue.go_to_previous_position();
+                    disk.stats.throttled += 1;
+                    break 'outer;
+                }
                 popped += 1;
                 let head = chain.head_index();
                 let len = disk.serve(&a.mem, chain);
@@ -321,6 +365,16 @@ impl Block {
         }
         used
     }
+}
+
+/// What a chain costs the bandwidth bucket: its descriptors' bytes less the header and the
+/// status byte (the data of a read or write). Looks at the descriptors only; the walk is
+/// bounded by virtio-queue (at most the queue size, loops cut).
+fn request_bytes(chain: &virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u64 {
+    chain
+        .clone()
+        .fold(0u64, |n, d| n.saturating_add(u64::from(d.len())))
+        .saturating_sub(HEADER_LEN as u64 + 1)
 }
 
 /// The configuration space (§5.2.4), little-endian, laid out as `struct virtio_blk_config`.
@@ -756,13 +810,23 @@ impl VirtioDevice for Block {
     }
 
     fn queue_states(&self) -> Vec<QueueState> {
-        // Requests are served synchronously on the VMM thread: none is in flight.
+        // Requests are served synchronously on the VMM thread: none is in flight (a throttled
+        // chain went back to the available ring).
         self.active.iter().map(|a| a.queue.state()).collect()
+    }
+
+    fn rate_limiter_mut(&mut self, field: &str) -> Option<&mut RateLimiter> {
+        (field == "rate_limiter").then_some(&mut self.limiter)
     }
 }
 
 impl MutEventSubscriber for Block {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.data() == TOKEN_LIMITER {
+            self.limiter.on_timer();
+            self.process_queue();
+            return;
+        }
         let queue_evt = self.active.as_ref().map(|a| &a.queue_evt);
         if single_queue_event("virtio-blk", &events, ops, &self.activate_evt, queue_evt) {
             self.process_queue();
@@ -771,6 +835,10 @@ impl MutEventSubscriber for Block {
 
     fn init(&mut self, ops: &mut EventOps) {
         self.activate_evt.watch(ops);
+        let timer = Events::with_data_raw(self.limiter.timer_fd(), TOKEN_LIMITER, EventSet::IN);
+        if let Err(e) = ops.add(timer) {
+            log::error!("virtio-blk: cannot watch the rate limiter's timer: {e}");
+        }
     }
 }
 

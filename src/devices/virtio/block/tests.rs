@@ -2,6 +2,7 @@
 //! temporary image files under `std::env::temp_dir()`.
 
 use super::*;
+use crate::config::RateLimiterConfig;
 use crate::devices::virtio::test_utils::{active, memory, queue_from_mock};
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -52,6 +53,7 @@ fn cfg(img: &Image, read_only: bool) -> DiskConfig {
         read_only,
         id: None,
         root: false,
+        rate_limiter: None,
     }
 }
 
@@ -221,6 +223,7 @@ fn bad_images_and_ids_are_refused_naming_the_path() {
         read_only: false,
         id: None,
         root: false,
+        rate_limiter: None,
     };
     let e = Block::new(&c, 0).err().unwrap().to_string();
     assert!(e.contains(&missing.display().to_string()), "{e}");
@@ -911,6 +914,108 @@ mod snapshot {
         let disk = std::fs::read(&img.0).unwrap();
         assert_eq!(&disk[1024..1536], &[0x5a; 512][..]);
         assert_eq!(r.dev.lock().unwrap().stats().writes, 1);
+    }
+
+    /// A limited disk with three reads waiting: the limiter lets the first through, puts the
+    /// second back in the ring and stops the queue; the limiter's timer (registered with the
+    /// event loop) resumes it, until every request is served. `patch`: instead of waiting, a
+    /// live update removes the limit.
+    fn throttled(limits: RateLimiterConfig, patch: Option<RateLimiterConfig>) {
+        let mem = memory();
+        let img = image(&pattern(SECTORS as usize * 512));
+        let mut ring = TestRing::new(&mem, 0x1000, 16);
+        let mut c = cfg(&img, false);
+        c.rate_limiter = Some(limits);
+        let mut r = rig(&mem, Block::new(&c, 0).unwrap());
+        driver_init(
+            &mut r.t,
+            VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX,
+            &[ring],
+        );
+        for slot in 0..3 {
+            request(
+                &mem,
+                &mut ring,
+                slot,
+                VIRTIO_BLK_T_IN,
+                slot as u64,
+                &[0; 512],
+            );
+        }
+        settle(&mut r.em);
+        assert_eq!(
+            ring.take_used(&mem),
+            vec![(0, 513)],
+            "one request, then throttled"
+        );
+        {
+            let d = r.dev.lock().unwrap();
+            assert_eq!(d.stats().throttled, 1);
+            assert!(d.rate_limiter().is_blocked());
+            // Nothing held: the refused chain is back in the available ring.
+            assert_eq!(d.queue_states()[0].next_avail, 1);
+        }
+        assert_eq!(status(&mem, 1), 0xff, "the second request is untouched");
+        if let Some(p) = patch {
+            let mut d = r.dev.lock().unwrap();
+            d.rate_limiter_mut("rate_limiter")
+                .unwrap()
+                .update_buckets(&p)
+                .unwrap();
+            assert!(d.rate_limiter_mut("rx_rate_limiter").is_none());
+        }
+        let mut got = Vec::new();
+        for _ in 0..200 {
+            r.em.run_with_timeout(100).unwrap();
+            got.extend(ring.take_used(&mem));
+            if got.len() == 2 {
+                break;
+            }
+        }
+        assert_eq!(
+            got,
+            vec![(3, 513), (6, 513)],
+            "resumed on the timer, in order"
+        );
+        assert_eq!((status(&mem, 1), status(&mem, 2)), (OK, OK));
+        let d = r.dev.lock().unwrap();
+        assert_eq!(d.stats().reads, 3);
+        if patch.is_some() {
+            assert!(d.rate_limiter().is_unlimited());
+        }
+    }
+
+    #[test]
+    fn a_throttled_disk_stops_and_resumes_on_its_timer() {
+        use crate::config::TokenBucketConfig as B;
+        // One request per 150 ms.
+        throttled(
+            RateLimiterConfig {
+                bandwidth: None,
+                ops: Some(B::new(1, 150)),
+            },
+            None,
+        );
+        // 256 bytes per 100 ms, 512-byte requests: larger than the bucket, served anyway
+        // (on a full bucket, the excess paid back before the next one).
+        throttled(
+            RateLimiterConfig {
+                bandwidth: Some(B::new(256, 100)),
+                ops: None,
+            },
+            None,
+        );
+        // One request per hour, then the limit is lifted on the live device.
+        throttled(
+            RateLimiterConfig {
+                bandwidth: None,
+                ops: Some(B::new(1, 3_600_000)),
+            },
+            Some(RateLimiterConfig {
+                bandwidth: None,
+                ops: Some(B::new(0, 0)),
+            }),
+        );
     }
 
     #[test]
