@@ -272,19 +272,20 @@ fn parse_file(spec: &str) -> Result<JailFile, JailError> {
 
 /// The ELF interpreter (PT_INTERP) a binary names, if it is dynamically linked.
 fn elf_interpreter(bytes: &[u8]) -> Option<PathBuf> {
-    let u16_at = |o: usize| Some(u16::from_le_bytes(bytes.get(o..o + 2)?.try_into().ok()?));
-    let u64_at = |o: usize| Some(u64::from_le_bytes(bytes.get(o..o + 8)?.try_into().ok()?));
+    // Every offset comes from the file: checked arithmetic throughout.
+    let at = |o: usize, n: usize| bytes.get(o..o.checked_add(n)?);
+    let u16_at = |o: usize| Some(u16::from_le_bytes(at(o, 2)?.try_into().ok()?));
+    let u32_at = |o: usize| Some(u32::from_le_bytes(at(o, 4)?.try_into().ok()?));
+    let u64_at = |o: usize| usize::try_from(u64::from_le_bytes(at(o, 8)?.try_into().ok()?)).ok();
     if bytes.get(..5)? != b"\x7fELF\x02" {
         return None;
     }
-    let phoff = usize::try_from(u64_at(0x20)?).ok()?;
+    let phoff = u64_at(0x20)?;
     let (size, num) = (usize::from(u16_at(0x36)?), usize::from(u16_at(0x38)?));
     for i in 0..num {
         let ph = phoff.checked_add(i.checked_mul(size)?)?;
-        if u32::from_le_bytes(bytes.get(ph..ph + 4)?.try_into().ok()?) == 3 {
-            let off = usize::try_from(u64_at(ph + 8)?).ok()?;
-            let len = usize::try_from(u64_at(ph + 32)?).ok()?;
-            let s = bytes.get(off..off.checked_add(len)?)?;
+        if u32_at(ph)? == 3 {
+            let s = at(u64_at(ph.checked_add(8)?)?, u64_at(ph.checked_add(32)?)?)?;
             let s = s.split(|b| *b == 0).next()?;
             return Some(PathBuf::from(OsStr::from_bytes(s)));
         }
@@ -1208,6 +1209,10 @@ fn supervise(pid: libc::pid_t, terminate: RawFd) -> Result<i32, JailError> {
     )?;
     // SAFETY: pidfd_open succeeded: the fd is ours.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+    // As PID 1 of its namespace, the VMM gets a signal from here only once it has a handler
+    // for it: a SIGTERM that lands between the exec and ledge installing its handler is
+    // dropped by the kernel. So once asked to stop, repeat it every second until it exits.
+    let mut stopping = false;
     loop {
         let mut fds = [
             libc::pollfd {
@@ -1223,7 +1228,7 @@ fn supervise(pid: libc::pid_t, terminate: RawFd) -> Result<i32, JailError> {
         ];
         let nfds = if terminate >= 0 { 2 } else { 1 };
         // SAFETY: `fds` holds `nfds` valid pollfd entries.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), nfds, -1) };
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), nfds, if stopping { 1000 } else { -1 }) };
         if rc < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -1235,7 +1240,10 @@ fn supervise(pid: libc::pid_t, terminate: RawFd) -> Result<i32, JailError> {
             let mut v = [0u8; 8];
             // SAFETY: reads 8 bytes from the eventfd into a live buffer.
             unsafe { libc::read(terminate, v.as_mut_ptr().cast(), 8) };
-            // SAFETY: kill(2) on our own child.
+            stopping = true;
+        }
+        if stopping && fds[0].revents == 0 {
+            // SAFETY: kill(2) on our own child, not yet reaped (its pidfd is not readable).
             unsafe { libc::kill(pid, libc::SIGTERM) };
         }
         if fds[0].revents != 0 {
@@ -1787,6 +1795,31 @@ mod tests {
         let p = CgroupPlan::new(&req("sub", Some(2)), "j", &mi, own, read).unwrap();
         assert_eq!(p.dirs[0].dir, base.join("svc/sub/j"));
         fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn elf_interpreters() {
+        // The probe guest is a static ELF: no interpreter.
+        assert_eq!(elf_interpreter(crate::probe::PROBE_ELF), None);
+        let exe = fs::read(std::env::current_exe().unwrap()).unwrap();
+        if let Some(i) = elf_interpreter(&exe) {
+            assert!(i.is_absolute() && i.exists(), "{}", i.display());
+        }
+        for bad in [
+            &b""[..],
+            b"\x7fELF\x02",
+            &[0u8; 64],
+            b"\x7fELF\x02\x01\x01\0\0\0\0\0",
+        ] {
+            assert_eq!(elf_interpreter(bad), None);
+        }
+        // Program headers that point past the end.
+        let mut h = vec![0u8; 64];
+        h[..5].copy_from_slice(b"\x7fELF\x02");
+        h[0x20..0x28].copy_from_slice(&u64::MAX.to_le_bytes());
+        h[0x36] = 56;
+        h[0x38] = 3;
+        assert_eq!(elf_interpreter(&h), None);
     }
 
     #[test]
