@@ -674,3 +674,117 @@ fn jailer_sigkill_takes_the_vmm_with_it() {
     assert!(base.join(&id).exists());
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// `key=value` from a probe report line.
+fn kv<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+}
+
+/// Runs a jail to the end (the probe stops by itself); returns its output.
+fn jail_to_end(base: &Path, id: &str, jail: &[&str], vmm: &[&str]) -> common::Output {
+    let (u, g) = (UID.to_string(), GID.to_string());
+    let mut v = vec![
+        "jail",
+        "--id",
+        id,
+        "--root-base",
+        base.to_str().unwrap(),
+        "--uid",
+        &u,
+        "--gid",
+        &g,
+        "--parent-cgroup",
+        parent_cgroup(),
+    ];
+    v.extend_from_slice(jail);
+    v.push("--");
+    v.extend_from_slice(vmm);
+    common::ledge(&v, LIMIT)
+}
+
+/// Files given with --file: a writable disk (:rw) the guest writes, a read-only one it
+/// cannot; a read-only bind holds even when the VMM asks for the disk read-write; the rng
+/// device reads the jail's /dev/urandom; pids.max is enforced inside.
+#[test]
+fn jail_files_devices_and_limits_work_inside() {
+    let test = "jail_files_devices_and_limits_work_inside";
+    if !need_root(test) || !require_kvm(test) {
+        return;
+    }
+    let dir = scratch("jail-files");
+    let base = dir.join("base");
+    let (rw, ro) = (dir.join("rw.img"), dir.join("ro.img"));
+    for f in [&rw, &ro] {
+        fs::write(f, vec![0x5au8; 1 << 20]).unwrap();
+    }
+    // The VMM's uid must be able to write the rw disk: the jail keeps host ownership.
+    std::os::unix::fs::chown(&rw, Some(UID), Some(GID)).unwrap();
+    std::os::unix::fs::chown(&ro, Some(UID), Some(GID)).unwrap();
+    let ro_before = fs::read(&ro).unwrap();
+    let rw_file = format!("{}:/disks/rw.img:rw", rw.display());
+    let ro_file = format!("{}:/disks/ro.img", ro.display());
+    let id = format!("t{}-files", std::process::id());
+    let out = jail_to_end(
+        &base,
+        &id,
+        &["--file", &rw_file, "--file", &ro_file],
+        &[
+            "run",
+            "--console",
+            "stdio",
+            "--disk",
+            "path=/disks/rw.img",
+            "--disk",
+            "path=/disks/ro.img,ro",
+            "--cmdline",
+            "probe=blk",
+        ],
+    );
+    assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
+    let l0 = out.line("blk: dev=0");
+    assert_eq!(kv(&l0, "write"), "ok", "{l0}");
+    assert_eq!(kv(&l0, "read"), "ok", "{l0}");
+    let l1 = out.line("blk: dev=1");
+    assert_eq!(kv(&l1, "write"), "ioerr", "{l1}");
+    assert_ne!(
+        fs::read(&rw).unwrap(),
+        vec![0x5au8; 1 << 20],
+        "the guest wrote nothing"
+    );
+    assert_eq!(
+        fs::read(&ro).unwrap(),
+        ro_before,
+        "a read-only file changed"
+    );
+    assert!(!base.join(&id).exists());
+
+    // The host file is writable by the uid, but bound read-only: the VMM cannot open it
+    // read-write.
+    let out = jail_to_end(
+        &base,
+        &id,
+        &["--file", &ro_file],
+        &[
+            "run",
+            "--disk",
+            "path=/disks/ro.img",
+            "--cmdline",
+            "probe=blk",
+        ],
+    );
+    out.assert_clean_error("Read-only file system");
+    assert_eq!(fs::read(&ro).unwrap(), ro_before);
+
+    let out = jail_to_end(&base, &id, &[], &["run", "--rng", "--cmdline", "probe=rng"]);
+    assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
+    let l = out.line("rng:");
+    assert_eq!(kv(&l, "bytes"), "65536", "{l}");
+
+    // pids.max=1: the VMM cannot start its vCPU thread.
+    let out = jail_to_end(&base, &id, &["--cgroup", "pids.max=1"], &["run"]);
+    out.assert_clean_error("cannot start the thread for vcpu 0");
+    assert!(!base.join(&id).exists());
+    let _ = fs::remove_dir_all(&dir);
+}
