@@ -235,7 +235,8 @@ fn parse_file(spec: &str) -> Result<JailFile, JailError> {
     if host.is_empty() {
         return Err(bad("the host path is empty"));
     }
-    let host = PathBuf::from(host);
+    // Absolute and free of symlinks, so the mount table says what was bound.
+    let host = fs::canonicalize(host).map_err(|e| bad(&format!("{host}: {e}")))?;
     let meta = fs::metadata(&host).map_err(|e| bad(&format!("{}: {e}", host.display())))?;
     if !meta.is_file() && !meta.is_dir() {
         return Err(bad("only regular files and directories can go into a jail"));

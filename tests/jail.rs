@@ -167,6 +167,18 @@ fn cgroup_mount(controller: Option<&str>) -> PathBuf {
     panic!("no cgroup mount for {controller:?}");
 }
 
+/// The test's own cgroup directory in a v1 hierarchy.
+fn own_cgroup(controller: &str) -> PathBuf {
+    let own = fs::read_to_string("/proc/self/cgroup").unwrap();
+    for l in own.lines() {
+        let f: Vec<&str> = l.splitn(3, ':').collect();
+        if f[1].split(',').any(|x| x == controller) {
+            return cgroup_mount(Some(controller)).join(f[2].trim_start_matches('/'));
+        }
+    }
+    panic!("the test is in no {controller:?} cgroup");
+}
+
 /// The VMM's cgroup directories as (controller or "" for v2, directory), from its
 /// /proc/<pid>/cgroup (read from here, so the paths are from the test's cgroup namespace).
 fn vmm_cgroups(pid: u32) -> Vec<(String, PathBuf)> {
@@ -522,6 +534,33 @@ fn jail_forwards_the_vmm_failure_and_cleans_up() {
         !base.join(&id).exists(),
         "the jail directory is left behind"
     );
+
+    // With --keep, the jail directory and the cgroup stay for a post-mortem, and the id stays
+    // taken until they are removed.
+    let o = jail_to_end(
+        &base,
+        &id,
+        &["--keep"],
+        &["run", "--kernel", "/not/in/the/jail"],
+    );
+    o.assert_clean_error("/not/in/the/jail");
+    let kept = base.join(&id);
+    assert!(kept.join("root/run").is_dir() && kept.join("vmm.pid").is_file());
+    // Where parent_cgroup() puts it: from the root on v2, under the test's own cgroup on v1.
+    let cgs: Vec<PathBuf> = if cgroup_v2() {
+        vec![cgroup_mount(None).join("ledge-test").join(&id)]
+    } else {
+        ["memory", "cpu", "pids"]
+            .map(|c| own_cgroup(c).join("ledge-test").join(&id))
+            .to_vec()
+    };
+    for cg in &cgs {
+        assert!(cg.is_dir(), "{} was not kept", cg.display());
+    }
+    jail_err(&["--id", &id], &base, "is in use");
+    for cg in &cgs {
+        fs::remove_dir(cg).unwrap();
+    }
     let _ = fs::remove_dir_all(&dir);
 }
 
