@@ -55,6 +55,18 @@ fn parent_cgroup() -> &'static str {
     }
 }
 
+/// Removes the test jails' parent cgroup once no test uses it (best effort: a test running
+/// beside this one keeps it busy, and the last one to finish removes it).
+fn tidy_parent_cgroup() {
+    if cgroup_v2() {
+        let _ = fs::remove_dir(cgroup_mount(None).join("ledge-test"));
+    } else {
+        for c in ["memory", "cpu", "pids"] {
+            let _ = fs::remove_dir(own_cgroup(c).join("ledge-test"));
+        }
+    }
+}
+
 /// `ledge jail ARGS`, with `LEAKED_FD` open in the jailer without close-on-exec.
 fn spawn_jail(args: &[&str], leak: &Path) -> Ledge {
     let leak = fs::File::open(leak).unwrap();
@@ -398,6 +410,7 @@ fn jail_confines_the_vmm_and_the_vm_still_runs() {
         assert!(!d.exists(), "{} is left behind", d.display());
     }
     assert!(probe.exists(), "the host's file must survive the jail");
+    tidy_parent_cgroup();
     let _ = fs::remove_dir_all(&dir);
 }
 
@@ -561,6 +574,7 @@ fn jail_forwards_the_vmm_failure_and_cleans_up() {
     for cg in &cgs {
         fs::remove_dir(cg).unwrap();
     }
+    tidy_parent_cgroup();
     let _ = fs::remove_dir_all(&dir);
 }
 
@@ -825,5 +839,6 @@ fn jail_files_devices_and_limits_work_inside() {
     let out = jail_to_end(&base, &id, &["--cgroup", "pids.max=1"], &["run"]);
     out.assert_clean_error("cannot start the thread for vcpu 0");
     assert!(!base.join(&id).exists());
+    tidy_parent_cgroup();
     let _ = fs::remove_dir_all(&dir);
 }
