@@ -6,8 +6,9 @@
 //! 2. unshares mount, IPC, UTS and cgroup namespaces, and the network namespace (or joins the
 //!    one `--netns` names);
 //! 3. builds its file tree in a private mount namespace: the jail root bind-mounted read-only,
-//!    `/run` writable (the API socket lives there, and the host sees it at
-//!    `<root-base>/<id>/root/run`), a small tmpfs `/dev` with only `kvm`, `null`, `urandom`
+//!    `/run` a small writable tmpfs mounted by the jailer on the host (the API socket lives
+//!    there, and the host sees it at `<root-base>/<id>/root/run`; its size bounds what the
+//!    VMM can write), a small tmpfs `/dev` with only `kvm`, `null`, `urandom`
 //!    (and `net/tun` when asked), a fresh `/proc` for its PID namespace, the ledge binary at
 //!    `/ledge` and each `--file` bind-mounted (read-only unless `:rw`);
 //! 4. `pivot_root`s into it and detaches the host's tree (chroot only where pivot_root cannot
@@ -21,6 +22,8 @@
 //! `<root-base>/<id>/vmm.pid`, forwards SIGTERM/SIGINT/SIGHUP to the VMM as SIGTERM, exits
 //! with the VMM's status, and removes the jail directory and the cgroup (unless `--keep`).
 //! Nothing else is left behind except the (empty) parent cgroup, as with any cgroup manager.
+//! A jailer killed outright (SIGKILL) takes the VMM with it but leaves the directory, its /run
+//! mount and the cgroup: `umount <root>/run; rm -rf <root-base>/<id>; rmdir <cgroup>`.
 //!
 //! Only the child setup runs after `fork()`, and the jailer is single-threaded at that point
 //! (checked), so the child may allocate.
@@ -68,6 +71,8 @@ pub enum JailError {
         "bad --parent-cgroup {0:?}: use a path of plain names, like /ledge or ledge (no . or ..)"
     )]
     BadParent(String),
+    #[error("bad --run-size {0:?}: give bytes (at least 64K), with an optional K, M or G")]
+    BadRunSize(String),
     #[error("bad --root-base {0:?}: give an absolute directory")]
     BadRootBase(PathBuf),
     #[error("jail {id:?} is in use: {path} exists (a jail with this id runs, or one was kept with --keep: remove that directory and the jail's cgroup)")]
@@ -119,6 +124,10 @@ pub struct JailArgs {
     /// its host owner and mode: make it readable (writable) by --uid/--gid.
     #[arg(long = "file", value_name = "SPEC")]
     pub files: Vec<String>,
+    /// The size of the jail's /run, a tmpfs (it holds the API socket and whatever else the VMM
+    /// is told to write there, such as a log or metrics file).
+    #[arg(long, value_name = "BYTES", default_value = "16M")]
+    pub run_size: String,
     /// Join this network namespace (e.g. /var/run/netns/NAME) instead of a new, empty one.
     #[arg(long, value_name = "PATH")]
     pub netns: Option<PathBuf>,
@@ -186,6 +195,8 @@ pub struct JailSpec {
     pub files: Vec<JailFile>,
     pub netns: Option<PathBuf>,
     pub tun: bool,
+    /// Bytes of the /run tmpfs.
+    pub run_size: u64,
     /// None: `--no-cgroup`.
     pub cgroup: Option<CgroupRequest>,
     pub keep: bool,
@@ -463,6 +474,10 @@ impl JailSpec {
                 version: a.cgroup_version.parse().ok(),
             })
         };
+        let run_size = match parse_bytes(&a.run_size) {
+            Some(n) if n >= 64 << 10 => n,
+            _ => return Err(JailError::BadRunSize(a.run_size.clone())),
+        };
         let tun = a.tun
             || a.vmm_args
                 .iter()
@@ -475,6 +490,7 @@ impl JailSpec {
             files,
             netns: a.netns.clone(),
             tun,
+            run_size,
             cgroup,
             keep: a.keep,
             vmm_args: a.vmm_args.clone(),
@@ -942,6 +958,8 @@ struct ChildPlan {
 /// Removes what the jail made, unless kept.
 struct Leftovers {
     dir: Option<PathBuf>,
+    /// The /run tmpfs, mounted on the host.
+    run: Option<PathBuf>,
     cgroups: Vec<PathBuf>,
     keep: bool,
 }
@@ -953,6 +971,19 @@ impl Drop for Leftovers {
         }
         for c in self.cgroups.iter().rev() {
             remove_cgroup(c);
+        }
+        if let Some(r) = &self.run {
+            if let Ok(c) = cpath(r) {
+                // SAFETY: a NUL-terminated path alive for the call.
+                if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+                    log::warn!(
+                        "jail: cannot unmount {}: {}",
+                        r.display(),
+                        io::Error::last_os_error()
+                    );
+                    return; // never remove_dir_all into a mount still there
+                }
+            }
         }
         if let Some(d) = &self.dir {
             // The binds live only in the VMM's mount namespace, gone with it: this removes
@@ -1057,10 +1088,25 @@ pub fn run(args: &JailArgs, terminate: RawFd) -> Result<i32, JailError> {
     let mut leftovers = Leftovers {
         dir: Some(jail_dir.clone()),
         cgroups: Vec::new(),
+        run: None,
         keep: false,
     };
     let root = spec.root();
     layout(&spec, &root, &files)?;
+    // /run: a tmpfs the size of --run-size, so that the VMM cannot fill the host's disk, mounted
+    // here (not in the VMM's namespace) so that the host sees the API socket in it.
+    let run = root.join("run");
+    mount(
+        Some(Path::new("tmpfs")),
+        &run,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        Some(&format!(
+            "mode=0750,uid={},gid={},size={},nr_inodes=1024",
+            spec.uid, spec.gid, spec.run_size
+        )),
+    )?;
+    leftovers.run = Some(run);
     let mut cgroup_procs = Vec::new();
     if let Some(p) = &cg_plan {
         let made = p.create(&mut leftovers.cgroups);
@@ -1157,7 +1203,7 @@ fn open_netns(p: &Path) -> Result<OwnedFd, JailError> {
 }
 
 /// Makes the jail's tree on the host: directories and mount-point files, owned by root except
-/// /run (the VMM's).
+/// /run (the VMM's, and soon a tmpfs).
 fn layout(spec: &JailSpec, root: &Path, files: &[JailFile]) -> Result<(), JailError> {
     let mk = |d: &Path| {
         fs::DirBuilder::new()
@@ -1325,13 +1371,8 @@ fn child(p: &ChildPlan, err_fd: RawFd) -> Result<Infallible, JailError> {
     )?;
     let root = &p.root;
     // The root: its own mount (pivot_root wants one), read-only.
-    mount(Some(root), root, None, libc::MS_BIND, None)?;
-    let run = root.join("run");
-    bind(
-        &run,
-        &run,
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-    )?;
+    // Recursive, to bring the /run tmpfs the parent mounted along.
+    mount(Some(root), root, None, libc::MS_BIND | libc::MS_REC, None)?;
     let dev = root.join("dev");
     mount(
         Some(Path::new("tmpfs")),
@@ -1604,6 +1645,17 @@ mod tests {
             args(&["--root-base", "rel", "--", "run"]),
             Err(JailError::BadRootBase(_))
         ));
+        assert_eq!(args(&["--", "run"]).unwrap().run_size, 16 << 20);
+        assert_eq!(
+            args(&["--run-size", "64K", "--", "run"]).unwrap().run_size,
+            64 << 10
+        );
+        for bad in ["1K", "lots", ""] {
+            assert!(matches!(
+                args(&["--run-size", bad, "--", "run"]),
+                Err(JailError::BadRunSize(_))
+            ));
+        }
         for p in ["/", "a/../b", "./x"] {
             assert!(matches!(
                 args(&["--parent-cgroup", p, "--", "run"]),

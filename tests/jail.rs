@@ -149,14 +149,17 @@ fn names(dir: &Path) -> BTreeSet<String> {
         .collect()
 }
 
-/// (mount point, root within its file system, mount options) of each mount in a mountinfo.
-fn mounts(pid: u32) -> Vec<(String, String, String)> {
+/// (mount point, root within its file system, mount options, fs type) of each mount in a
+/// mountinfo.
+fn mounts(pid: u32) -> Vec<(String, String, String, String)> {
     fs::read_to_string(format!("/proc/{pid}/mountinfo"))
         .unwrap()
         .lines()
         .map(|l| {
             let f: Vec<&str> = l.split(' ').collect();
-            (f[4].to_string(), f[3].to_string(), f[5].to_string())
+            let (_, post) = l.split_once(" - ").unwrap();
+            let fstype = post.split(' ').next().unwrap();
+            (f[4].into(), f[3].into(), f[5].into(), fstype.into())
         })
         .collect()
 }
@@ -310,13 +313,16 @@ fn jail_confines_the_vmm_and_the_vm_still_runs() {
 
     // Mounts: the jail root read-only at /, and only the jail's own mounts.
     let m = mounts(pid);
-    let (_, root_src, root_opts) = m.iter().find(|(at, _, _)| at == "/").expect("a / mount");
+    let (_, root_src, root_opts, _) = m.iter().find(|(at, ..)| at == "/").expect("a / mount");
     assert!(
         root_src.ends_with(&format!("/{id}/root")),
         "the VMM's / is {root_src}"
     );
     assert!(root_opts.split(',').any(|o| o == "ro"), "/ is {root_opts}");
-    for (at, src, opts) in &m {
+    let (.., run_opts, run_fs) = m.iter().find(|(at, ..)| at == "/run").expect("a /run");
+    assert_eq!(run_fs, "tmpfs", "/run must be bounded");
+    assert!(run_opts.contains("noexec"), "/run is {run_opts}");
+    for (at, src, opts, _) in &m {
         let allowed = ["/", "/run", "/dev", "/proc", "/ledge", "/k/probe.elf"]
             .contains(&at.as_str())
             || at.starts_with("/lib")
@@ -574,6 +580,17 @@ fn jail_forwards_the_vmm_failure_and_cleans_up() {
     for cg in &cgs {
         fs::remove_dir(cg).unwrap();
     }
+    // Its /run tmpfs stays mounted on the host too.
+    let run = kept.join("root/run");
+    let c = std::ffi::CString::new(run.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path alive for the call.
+    assert_eq!(
+        unsafe { libc::umount2(c.as_ptr(), 0) },
+        0,
+        "{} was not a mount",
+        run.display()
+    );
+    fs::remove_dir_all(&kept).unwrap();
     tidy_parent_cgroup();
     let _ = fs::remove_dir_all(&dir);
 }
@@ -625,6 +642,7 @@ fn jail_bad_options_get_one_line_errors() {
     );
     jail_err(&["--cgroup", "cpu.max=10"], &base, "at least 1000");
     jail_err(&["--parent-cgroup", "a/../b"], &base, "bad --parent-cgroup");
+    jail_err(&["--run-size", "1K"], &base, "bad --run-size");
     jail_err(
         &["--netns", "/etc/hostname"],
         &base,
@@ -723,8 +741,17 @@ fn jailer_sigkill_takes_the_vmm_with_it() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    // Killed outright, the jailer could not clean up: the directory stays, as documented.
-    assert!(base.join(&id).exists());
+    // Killed outright, the jailer could not clean up: the directory and its /run mount stay,
+    // as documented.
+    let run = base.join(&id).join("root/run");
+    let c = std::ffi::CString::new(run.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path alive for the call.
+    assert_eq!(
+        unsafe { libc::umount2(c.as_ptr(), 0) },
+        0,
+        "{} was not a mount",
+        run.display()
+    );
     let _ = fs::remove_dir_all(&dir);
 }
 
