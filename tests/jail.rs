@@ -55,6 +55,14 @@ fn parent_cgroup() -> &'static str {
     }
 }
 
+/// Unmounts a mount the jail left on the host (failing the test if it is not one).
+fn umount(at: &Path) {
+    let c = std::ffi::CString::new(at.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path alive for the call.
+    let rc = unsafe { libc::umount2(c.as_ptr(), 0) };
+    assert_eq!(rc, 0, "{} is not a mount", at.display());
+}
+
 /// Removes the test jails' parent cgroup once no test uses it (best effort: a test running
 /// beside this one keeps it busy, and the last one to finish removes it).
 fn tidy_parent_cgroup() {
@@ -582,14 +590,7 @@ fn jail_forwards_the_vmm_failure_and_cleans_up() {
     }
     // Its /run tmpfs stays mounted on the host too.
     let run = kept.join("root/run");
-    let c = std::ffi::CString::new(run.to_str().unwrap()).unwrap();
-    // SAFETY: a NUL-terminated path alive for the call.
-    assert_eq!(
-        unsafe { libc::umount2(c.as_ptr(), 0) },
-        0,
-        "{} was not a mount",
-        run.display()
-    );
+    umount(&run);
     fs::remove_dir_all(&kept).unwrap();
     tidy_parent_cgroup();
     let _ = fs::remove_dir_all(&dir);
@@ -744,14 +745,7 @@ fn jailer_sigkill_takes_the_vmm_with_it() {
     // Killed outright, the jailer could not clean up: the directory and its /run mount stay,
     // as documented.
     let run = base.join(&id).join("root/run");
-    let c = std::ffi::CString::new(run.to_str().unwrap()).unwrap();
-    // SAFETY: a NUL-terminated path alive for the call.
-    assert_eq!(
-        unsafe { libc::umount2(c.as_ptr(), 0) },
-        0,
-        "{} was not a mount",
-        run.display()
-    );
+    umount(&run);
     let _ = fs::remove_dir_all(&dir);
 }
 
