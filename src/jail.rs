@@ -65,6 +65,8 @@ pub enum JailError {
     ProgramName(String),
     #[error("bad --file {spec:?}: {why}")]
     BadFile { spec: String, why: String },
+    #[error("bad --rlimit {spec:?}: {why}")]
+    BadRlimit { spec: String, why: String },
     #[error("bad --cgroup {spec:?}: {why}")]
     BadLimit { spec: String, why: String },
     #[error(
@@ -149,6 +151,11 @@ pub struct JailArgs {
     /// Make no cgroup (the caller already placed the jailer in one).
     #[arg(long, conflicts_with_all = ["limits", "parent_cgroup", "cgroup_version"])]
     pub no_cgroup: bool,
+    /// A resource limit for the VMM (repeatable): nofile=N (open files) or fsize=BYTES (the
+    /// largest file it may write). Core dumps are always off (core=0): they would hold guest
+    /// memory.
+    #[arg(long = "rlimit", value_name = "KEY=VALUE")]
+    pub rlimits: Vec<String>,
     /// Leave the jail directory and the cgroup in place when the VMM exits (for a post-mortem).
     #[arg(long)]
     pub keep: bool,
@@ -200,7 +207,55 @@ pub struct JailSpec {
     /// None: `--no-cgroup`.
     pub cgroup: Option<CgroupRequest>,
     pub keep: bool,
+    /// (resource, soft = hard limit), core=0 first.
+    pub rlimits: Vec<(Rlimit, u64)>,
     pub vmm_args: Vec<String>,
+}
+
+/// The resource limits `--rlimit` sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rlimit {
+    Core,
+    Nofile,
+    Fsize,
+}
+
+impl Rlimit {
+    fn resource(self) -> libc::__rlimit_resource_t {
+        match self {
+            Rlimit::Core => libc::RLIMIT_CORE,
+            Rlimit::Nofile => libc::RLIMIT_NOFILE,
+            Rlimit::Fsize => libc::RLIMIT_FSIZE,
+        }
+    }
+}
+
+fn parse_rlimits(specs: &[String]) -> Result<Vec<(Rlimit, u64)>, JailError> {
+    let mut v = vec![(Rlimit::Core, 0)];
+    for spec in specs {
+        let bad = |why: &str| JailError::BadRlimit {
+            spec: spec.clone(),
+            why: why.to_string(),
+        };
+        let Some((key, value)) = spec.split_once('=') else {
+            return Err(bad("write it as KEY=VALUE, e.g. nofile=1024"));
+        };
+        let (r, n) = match key {
+            "nofile" => match value.parse::<u64>() {
+                // The VMM needs a few dozen fds before it runs a guest.
+                Ok(n) if n >= 64 => (Rlimit::Nofile, n),
+                _ => return Err(bad("give a number of files, at least 64")),
+            },
+            "fsize" => match parse_bytes(value) {
+                Some(n) => (Rlimit::Fsize, n),
+                None => return Err(bad("give bytes, with an optional K, M, G or T")),
+            },
+            k => return Err(bad(&format!("unknown key {k:?}: use nofile or fsize"))),
+        };
+        v.retain(|(x, _)| *x != r);
+        v.push((r, n));
+    }
+    Ok(v)
 }
 
 #[derive(Debug, Clone)]
@@ -493,6 +548,7 @@ impl JailSpec {
             run_size,
             cgroup,
             keep: a.keep,
+            rlimits: parse_rlimits(&a.rlimits)?,
             vmm_args: a.vmm_args.clone(),
         })
     }
@@ -952,6 +1008,7 @@ struct ChildPlan {
     cgroup_procs: Vec<PathBuf>,
     netns: Option<OwnedFd>,
     last_cap: u32,
+    rlimits: Vec<(Rlimit, u64)>,
     argv: Vec<CString>,
 }
 
@@ -1123,6 +1180,7 @@ pub fn run(args: &JailArgs, terminate: RawFd) -> Result<i32, JailError> {
         cgroup_procs,
         netns,
         last_cap,
+        rlimits: spec.rlimits.clone(),
         argv,
     };
 
@@ -1487,6 +1545,16 @@ fn child(p: &ChildPlan, err_fd: RawFd) -> Result<Infallible, JailError> {
         "PR_SET_PDEATHSIG",
     )?;
 
+    for (r, n) in &p.rlimits {
+        let l = libc::rlimit {
+            rlim_cur: *n,
+            rlim_max: *n,
+        };
+        // SAFETY: `l` is a valid rlimit alive for the call. Lowering needs no privilege.
+        if unsafe { libc::setrlimit(r.resource(), &l) } != 0 {
+            return Err(JailError::Sys("setrlimit", io::Error::last_os_error()));
+        }
+    }
     reset_signals()?;
     close_fds_but(err_fd)?;
     let mut argv: Vec<*const libc::c_char> = p.argv.iter().map(|a| a.as_ptr()).collect();
@@ -1696,6 +1764,23 @@ mod tests {
             "run",
         ]);
         assert!(e.unwrap_err().to_string().contains("overlaps"));
+    }
+
+    #[test]
+    fn rlimits() {
+        assert_eq!(parse_rlimits(&[]).unwrap(), vec![(Rlimit::Core, 0)]);
+        let v = parse_rlimits(&["nofile=256".into(), "fsize=1G".into(), "nofile=512".into()]);
+        assert_eq!(
+            v.unwrap(),
+            vec![
+                (Rlimit::Core, 0),
+                (Rlimit::Fsize, 1 << 30),
+                (Rlimit::Nofile, 512)
+            ]
+        );
+        for bad in ["nofile", "nofile=10", "fsize=x", "core=1", "as=1G"] {
+            assert!(parse_rlimits(&[bad.into()]).is_err(), "{bad}");
+        }
     }
 
     #[test]

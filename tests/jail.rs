@@ -266,6 +266,8 @@ fn jail_confines_the_vmm_and_the_vm_still_runs() {
             "cpu.max=50000/100000",
             "--cgroup",
             "pids.max=64",
+            "--rlimit",
+            "nofile=512",
             "--file",
             &file,
             "--",
@@ -311,6 +313,18 @@ fn jail_confines_the_vmm_and_the_vm_still_runs() {
         assert_eq!(status_field(pid, cap), "0000000000000000", "{cap}");
     }
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    // Resource limits: the one asked for, and no core dumps (they would hold guest memory).
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let limit = |name: &str| {
+        let l = limits.lines().find(|l| l.starts_with(name)).unwrap();
+        l[name.len()..]
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(limit("Max open files"), "512 512", "{limits}");
+    assert_eq!(limit("Max core file size"), "0 0", "{limits}");
     // PID 1 in its own PID namespace.
     assert_eq!(status_field(pid, "NSpid"), format!("{pid} 1"));
 
@@ -644,6 +658,7 @@ fn jail_bad_options_get_one_line_errors() {
     jail_err(&["--cgroup", "cpu.max=10"], &base, "at least 1000");
     jail_err(&["--parent-cgroup", "a/../b"], &base, "bad --parent-cgroup");
     jail_err(&["--run-size", "1K"], &base, "bad --run-size");
+    jail_err(&["--rlimit", "as=1G"], &base, "unknown key \"as\"");
     jail_err(
         &["--netns", "/etc/hostname"],
         &base,
