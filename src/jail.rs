@@ -47,6 +47,8 @@ pub const DEFAULT_PARENT_CGROUP: &str = "/ledge";
 pub const JAIL_EXE: &str = "/ledge";
 /// The file, beside the jail root, that holds the VMM's host PID once it runs.
 pub const PID_FILE: &str = "vmm.pid";
+/// With --daemonize, the file beside the jail root that holds the supervisor's PID.
+pub const JAILER_PID_FILE: &str = "jailer.pid";
 
 /// Errors of `ledge jail`: each is one line that names what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +97,8 @@ pub enum JailError {
     Threads(usize),
     #[error("setting up the jail: {0}")]
     Child(String),
+    #[error("{0}")]
+    Daemon(String),
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> JailError + 'a {
@@ -159,6 +163,11 @@ pub struct JailArgs {
     /// Leave the jail directory and the cgroup in place when the VMM exits (for a post-mortem).
     #[arg(long)]
     pub keep: bool,
+    /// Return once the VMM runs, leaving a detached supervisor (PID in <jail>/jailer.pid;
+    /// SIGTERM it to stop the VMM) that cleans up when the VMM exits. Standard input and output
+    /// go to /dev/null: give the VMM --console off or file:/run/PATH.
+    #[arg(long)]
+    pub daemonize: bool,
     /// The VMM's arguments, as for `ledge` itself (paths in them are paths inside the jail).
     #[arg(last = true, value_name = "LEDGE_ARGS")]
     pub vmm_args: Vec<String>,
@@ -207,6 +216,7 @@ pub struct JailSpec {
     /// None: `--no-cgroup`.
     pub cgroup: Option<CgroupRequest>,
     pub keep: bool,
+    pub daemonize: bool,
     /// (resource, soft = hard limit), core=0 first.
     pub rlimits: Vec<(Rlimit, u64)>,
     pub vmm_args: Vec<String>,
@@ -548,6 +558,7 @@ impl JailSpec {
             run_size,
             cgroup,
             keep: a.keep,
+            daemonize: a.daemonize,
             rlimits: parse_rlimits(&a.rlimits)?,
             vmm_args: a.vmm_args.clone(),
         })
@@ -1184,6 +1195,75 @@ pub fn run(args: &JailArgs, terminate: RawFd) -> Result<i32, JailError> {
         argv,
     };
 
+    // --daemonize: what follows runs in a detached supervisor; this process waits until the
+    // VMM runs (or the start failed) and exits with that.
+    let mut ready: Option<OwnedFd> = None;
+    if spec.daemonize {
+        let (r, w) = pipe()?;
+        // SAFETY: the process is single-threaded (checked above).
+        let sup = unsafe { libc::fork() };
+        if sup < 0 {
+            return Err(JailError::Sys("fork", io::Error::last_os_error()));
+        }
+        if sup > 0 {
+            // The supervisor owns the jail now.
+            std::mem::forget(leftovers);
+            drop(w);
+            drop(plan);
+            let mut msg = String::new();
+            let _ = fs::File::from(r).read_to_string(&mut msg);
+            return match msg.strip_prefix("ok ") {
+                Some(vmm) => {
+                    log::info!("jail {}: supervisor pid {sup}, VMM pid {vmm}", spec.id);
+                    Ok(0)
+                }
+                None if msg.is_empty() => Err(JailError::Daemon(
+                    "the jail's supervisor died before the VMM ran".into(),
+                )),
+                None => Err(JailError::Daemon(msg)),
+            };
+        }
+        drop(r);
+        detach(&jail_dir)?;
+        ready = Some(w);
+    }
+    let result = launch(&spec, plan, leftovers, terminate, &mut ready);
+    if let (Err(e), Some(w)) = (&result, ready.take()) {
+        let _ = fs::File::from(w).write_all(e.to_string().as_bytes());
+    }
+    result
+}
+
+/// The supervisor of a --daemonize jail: its own session, stdio on /dev/null (the VMM's too),
+/// its PID in `<jail>/jailer.pid` for whoever stops it.
+fn detach(jail_dir: &Path) -> Result<(), JailError> {
+    // SAFETY: setsid has no preconditions; a fresh child is never a group leader.
+    check(unsafe { libc::setsid() } as libc::c_long, "setsid")?;
+    let null = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(io_err("open", Path::new("/dev/null")))?;
+    for fd in 0..3 {
+        check(
+            // SAFETY: dup2 onto the standard fds; `null` stays open for the call.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) } as libc::c_long,
+            "dup2",
+        )?;
+    }
+    let f = jail_dir.join(JAILER_PID_FILE);
+    fs::write(&f, format!("{}\n", std::process::id())).map_err(io_err("write", &f))
+}
+
+/// Forks the VMM into the jail and supervises it; `ready` (with --daemonize) hears "ok PID"
+/// once it runs.
+fn launch(
+    spec: &JailSpec,
+    plan: ChildPlan,
+    mut leftovers: Leftovers,
+    terminate: RawFd,
+    ready: &mut Option<OwnedFd>,
+) -> Result<i32, JailError> {
     let (err_r, err_w) = pipe()?;
     check(
         // SAFETY: unshare(CLONE_NEWPID) only changes where this process's next child goes.
@@ -1219,6 +1299,7 @@ pub fn run(args: &JailArgs, terminate: RawFd) -> Result<i32, JailError> {
         return Err(JailError::Child(msg));
     }
     leftovers.keep = spec.keep;
+    let jail_dir = spec.jail_dir();
     let pid_file = jail_dir.join(PID_FILE);
     let tmp = jail_dir.join(format!("{PID_FILE}.tmp"));
     fs::write(&tmp, format!("{pid}\n"))
@@ -1227,8 +1308,11 @@ pub fn run(args: &JailArgs, terminate: RawFd) -> Result<i32, JailError> {
     log::info!(
         "jail {}: VMM pid {pid} (PID 1 in its namespace), root {}",
         spec.id,
-        root.display()
+        spec.root().display()
     );
+    if let Some(w) = ready.take() {
+        let _ = fs::File::from(w).write_all(format!("ok {pid}").as_bytes());
+    }
     let status = supervise(pid, terminate)?;
     drop(leftovers);
     Ok(status)
@@ -1245,14 +1329,16 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), JailError> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// ioctl(2) on a namespace fd: its CLONE_NEW* type. _IO(0xb7, 0x3).
+const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+
 fn open_netns(p: &Path) -> Result<OwnedFd, JailError> {
     let f = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_CLOEXEC)
         .open(p)
         .map_err(io_err("open the network namespace", p))?;
-    const NS_GET_NSTYPE: libc::c_ulong = 0xb703; // _IO(0xb7, 0x3)
-                                                 // SAFETY: NS_GET_NSTYPE takes no argument; on a non-namespace file it fails with ENOTTY.
+    // SAFETY: NS_GET_NSTYPE takes no argument; on a non-namespace file it fails with ENOTTY.
     let t = unsafe { libc::ioctl(f.as_raw_fd(), NS_GET_NSTYPE) };
     if t != libc::CLONE_NEWNET {
         return Err(JailError::NotNetns(p.to_path_buf()));

@@ -878,3 +878,78 @@ fn jail_files_devices_and_limits_work_inside() {
     tidy_parent_cgroup();
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// --daemonize: the command returns once the VMM runs; the detached supervisor (its PID in
+/// jailer.pid) stops the VMM on SIGTERM and cleans up.
+#[test]
+fn jail_daemonize_returns_once_the_vmm_runs() {
+    let test = "jail_daemonize_returns_once_the_vmm_runs";
+    if !need_root(test) || !require_kvm(test) {
+        return;
+    }
+    let dir = scratch("jail-daemon");
+    let base = dir.join("base");
+    let id = format!("t{}-daemon", std::process::id());
+    let out = jail_to_end(
+        &base,
+        &id,
+        &["--daemonize"],
+        &[
+            "run",
+            "--console",
+            "file:/run/console.log",
+            "--cmdline",
+            "probe=count",
+            "--api-sock",
+            "/run/api.sock",
+        ],
+    );
+    assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
+    assert!(out.stderr.is_empty(), "{}", out.stderr);
+    let jail_dir = base.join(&id);
+    // Both PIDs are there when it returns.
+    let vmm = read_trim(&jail_dir.join("vmm.pid"));
+    let sup: i32 = read_trim(&jail_dir.join("jailer.pid")).parse().unwrap();
+    assert_eq!(
+        status_field(vmm.parse().unwrap(), "NSpid"),
+        format!("{vmm} 1")
+    );
+    // The supervisor is in its own session, the VMM its child.
+    let stat = fs::read_to_string(format!("/proc/{vmm}/stat")).unwrap();
+    let ppid = stat.rsplit_once(") ").unwrap().1.split(' ').nth(1).unwrap();
+    assert_eq!(ppid, sup.to_string());
+    let sock = jail_dir.join("root/run/api.sock");
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < START_LIMIT, "no {}", sock.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(get(&sock, "/")["state"], "Running");
+    let console = jail_dir.join("root/run/console.log");
+    let start = Instant::now();
+    while !fs::read_to_string(&console)
+        .unwrap_or_default()
+        .contains("count: 1\n")
+    {
+        assert!(
+            start.elapsed() < START_LIMIT,
+            "no count in {}",
+            console.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on the supervisor this test started; no memory is involved.
+    assert_eq!(unsafe { libc::kill(sup, libc::SIGTERM) }, 0);
+    let start = Instant::now();
+    while jail_dir.exists() {
+        assert!(
+            start.elapsed() < EXIT_LIMIT,
+            "the supervisor did not clean up after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The supervisor reaped it before cleaning up.
+    assert!(!Path::new(&format!("/proc/{vmm}")).exists());
+    tidy_parent_cgroup();
+    let _ = fs::remove_dir_all(&dir);
+}
