@@ -374,7 +374,11 @@ fn elf_interpreter(bytes: &[u8]) -> Option<PathBuf> {
 /// interpreter at the path the binary names, and the shared libraries this very process
 /// (the same binary) has mapped, at their own paths. A static binary needs none.
 fn runtime_files(exe: &Path, maps: &str) -> Result<Vec<JailFile>, JailError> {
-    let bytes = fs::read(exe).map_err(io_err("read", exe))?;
+    // The ELF and program headers and the interpreter path sit at the start of the file.
+    let mut bytes = Vec::new();
+    fs::File::open(exe)
+        .and_then(|f| f.take(64 << 10).read_to_end(&mut bytes))
+        .map_err(io_err("read", exe))?;
     let Some(interp) = elf_interpreter(&bytes) else {
         return Ok(Vec::new());
     };
@@ -1082,7 +1086,14 @@ pub fn run(args: &JailArgs, terminate: RawFd) -> Result<i32, JailError> {
     };
     let mut devs = Vec::new();
     for (name, host, mode, owned) in devices(spec.tun) {
-        let m = fs::metadata(host).map_err(io_err("find the device", Path::new(host)))?;
+        let m = match fs::metadata(host) {
+            // The VMM says best what a missing /dev/kvm or /dev/net/tun means.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                log::warn!("jail: the host has no {host}: the jail will not have it either");
+                continue;
+            }
+            r => r.map_err(io_err("find the device", Path::new(host)))?,
+        };
         if !m.file_type().is_char_device() {
             return Err(io_err("use the device", Path::new(host))(io::Error::other(
                 "not a character device",
