@@ -79,7 +79,7 @@ pub enum JailError {
     BadRunSize(String),
     #[error("bad --root-base {0:?}: give an absolute directory")]
     BadRootBase(PathBuf),
-    #[error("jail {id:?} is in use: {path} exists (a jail with this id runs, or one was kept with --keep: remove that directory and the jail's cgroup)")]
+    #[error("jail {id:?} is in use: {path} exists (a jail with this id runs, or one was left by --keep or a killed jailer: umount its root/run, remove it and rmdir the jail's cgroup)")]
     InUse { id: String, path: PathBuf },
     #[error("--netns {0}: not a network namespace (expected a file such as /var/run/netns/NAME)")]
     NotNetns(PathBuf),
