@@ -1553,13 +1553,23 @@ fn child(p: &ChildPlan, err_fd: RawFd) -> Result<Infallible, JailError> {
         libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NOEXEC,
         None,
     )?;
-    mount(
-        Some(Path::new("proc")),
-        &root.join("proc"),
+    // Its own PID namespace's /proc; with subset=pid (Linux 5.8+) only the process
+    // directories, none of the host-wide files (/proc/sys, /proc/kallsyms...). The VMM reads
+    // /proc/self only.
+    let proc_flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    let proc_dir = root.join("proc");
+    let proc = Some(Path::new("proc"));
+    if mount(
+        proc,
+        &proc_dir,
         Some("proc"),
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        None,
-    )?;
+        proc_flags,
+        Some("subset=pid"),
+    )
+    .is_err()
+    {
+        mount(proc, &proc_dir, Some("proc"), proc_flags, None)?;
+    }
     bind(
         &p.exe,
         &root.join(JAIL_EXE.trim_start_matches('/')),

@@ -382,6 +382,23 @@ fn jail_confines_the_vmm_and_the_vm_still_runs() {
         .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
         .collect();
     assert_eq!(procs, ["1"]);
+    let proc_super = fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let proc_line = proc_super
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some("/proc"))
+        .unwrap();
+    if proc_line.contains("subset=pid") {
+        // Only process directories: nothing host-wide.
+        let all = names(&proc_root.join("proc"));
+        for hidden in ["sys", "kallsyms", "kcore", "sysrq-trigger", "meminfo"] {
+            assert!(
+                !all.contains(hidden),
+                "/proc/{hidden} is visible in the jail"
+            );
+        }
+    } else {
+        println!("[{test}] NOTE: this kernel's proc has no subset=pid");
+    }
 
     // File descriptors: the jailer had the leaked one, the VMM does not.
     let jailer_leak = fs::read_link(format!("/proc/{}/fd/{LEAKED_FD}", l.pid()));
