@@ -21,6 +21,8 @@ Examples:
   ledge snapshot create --api-sock /tmp/l.sock --snapshot vm.snap --mem vm.mem --pause
   ledge restore --snapshot vm.snap --mem vm.mem --api-sock /tmp/l2.sock
   ledge --api-sock /tmp/ledge.sock            wait for configuration over the API (Firecracker style)
+  ledge jail --id vm1 --uid 10000 --gid 10000 --cgroup memory.max=512M -- run --api-sock /run/api.sock
+                                              the same VMM confined; its socket: /srv/ledge/vm1/root/run/api.sock
   ledge --api-sock /tmp/l.sock --config-file vm.json   boot from a Firecracker config, serve the API";
 
 /// Ledge: a micro-VM monitor for edge hosts.
@@ -65,6 +67,9 @@ pub enum Command {
     Snapshot(SnapshotCommand),
     /// Restore a snapshot in a new process and run it (in the foreground, or serving the API).
     Restore(Box<RestoreArgs>),
+    /// As root: run `ledge LEDGE_ARGS` confined (namespaces, pivot_root, cgroup, no
+    /// capabilities, another uid/gid). Paths in LEDGE_ARGS are paths inside the jail.
+    Jail(Box<crate::jail::JailArgs>),
 }
 
 #[derive(Debug, Subcommand)]

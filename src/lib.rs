@@ -36,6 +36,7 @@
 //! - `controller`: the VMM thread behind the API: answers `api::Request`s, owns the VM;
 //! - `vmm`: `Vmm`, the lifecycle transition table, the event loop;
 //! - `exit`: why a VM stops and how any thread asks for it;
+//! - `jail`: `ledge jail`, the VMM confined (namespaces, pivot_root, cgroup, no capabilities);
 //! - `kvm`: /dev/kvm, guest memory slots, vCPU threads and exit dispatch;
 //! - `arch::x86_64`: the guest physical layout, CPUID, MSRs, registers, MP table;
 //! - `boot`: kernel (vmlinux, bzImage, PVH ELF) and initrd loading, boot parameters;
@@ -56,6 +57,7 @@ pub mod config;
 pub mod controller;
 pub mod devices;
 pub mod exit;
+pub mod jail;
 pub mod kvm;
 pub mod logger;
 pub mod probe;

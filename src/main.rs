@@ -92,6 +92,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Some(Command::Snapshot(cmd)) => snapshot_command(cmd),
         Some(Command::Restore(args)) => restore(&cli.id, &args, terminate),
+        Some(Command::Jail(args)) => {
+            let status = ledge::jail::run(&args, std::os::fd::AsRawFd::as_raw_fd(&terminate))?;
+            Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)))
+        }
         Some(Command::Run(args)) => {
             let config = args.to_config()?;
             match &args.api_sock {
