@@ -111,11 +111,14 @@ mod nr {
     ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
 }
 
+/// An argument check: (argument index, comparison, value), on the argument's low 32 bits.
+type Cond = (u8, SeccompCmpOp, u64);
+
 /// One allow-list being assembled: syscall number → the argument rules (OR-ed), or `None`
 /// for "any arguments".
 #[derive(Default)]
 struct List {
-    calls: BTreeMap<i64, Option<Vec<Vec<(u8, SeccompCmpOp, u64)>>>>,
+    calls: BTreeMap<i64, Option<Vec<Vec<Cond>>>>,
     names: BTreeMap<&'static str, ()>,
 }
 
@@ -129,12 +132,7 @@ impl List {
 
     /// Allows `nr` when every (argument index, comparison, value) of `conds` holds; several
     /// calls for one syscall are alternatives.
-    fn when(
-        &mut self,
-        name: &'static str,
-        nr: i64,
-        conds: &[(u8, SeccompCmpOp, u64)],
-    ) -> &mut Self {
+    fn when(&mut self, name: &'static str, nr: i64, conds: &[Cond]) -> &mut Self {
         self.names.insert(name, ());
         // `None` means the call is already allowed with any arguments.
         if let Some(rules) = self.calls.entry(nr).or_insert_with(|| Some(Vec::new())) {
@@ -182,7 +180,7 @@ impl List {
 }
 
 /// A 32-bit argument with none of `bits` set.
-fn without(arg: u8, bits: u64) -> (u8, SeccompCmpOp, u64) {
+fn without(arg: u8, bits: u64) -> Cond {
     (arg, SeccompCmpOp::MaskedEq(bits), 0)
 }
 
