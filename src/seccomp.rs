@@ -234,21 +234,19 @@ fn base(l: &mut List) {
         .any("rt_sigprocmask", libc::SYS_rt_sigprocmask)
         // std takes down the thread's alternate signal stack when the thread ends.
         .any("sigaltstack", libc::SYS_sigaltstack)
-        // Timeouts (channel waits, the paused loop's sleep) when the vDSO cannot answer.
+        // The clock when the vDSO cannot answer; sleeps (the paused loop).
         .any("clock_gettime", libc::SYS_clock_gettime)
         .any("clock_nanosleep", libc::SYS_clock_nanosleep)
-        .any("nanosleep", libc::SYS_nanosleep)
-        // Spinning locks back off.
+        // std's channels back off under contention.
         .any("sched_yield", libc::SYS_sched_yield)
         // Hash-map seeds (std) for maps made on this thread.
         .any("getrandom", libc::SYS_getrandom)
-        // A panic aborts (release builds): abort() raises SIGABRT on its own thread.
+        // A panic aborts (release builds): abort() raises SIGABRT on its own thread with
+        // tgkill(getpid(), tid, SIGABRT).
         .any("getpid", libc::SYS_getpid)
-        .any("gettid", libc::SYS_gettid)
         .arg_in("tgkill", libc::SYS_tgkill, 2, &[sig(libc::SIGABRT)])
-        // The thread ends; the thread that ends the process.
-        .any("exit", libc::SYS_exit)
-        .any("exit_group", libc::SYS_exit_group);
+        // The thread ends.
+        .any("exit", libc::SYS_exit);
 }
 
 fn vcpu(l: &mut List) {
@@ -277,7 +275,6 @@ fn vcpu(l: &mut List) {
     // Device activation/reset on this thread: the balloon's statistics timer and the rate
     // limiters' timers are armed or disarmed; virtio-vsock's reset closes host connections.
     l.any("timerfd_settime", libc::SYS_timerfd_settime)
-        .any("timerfd_gettime", libc::SYS_timerfd_gettime)
         .any("shutdown", libc::SYS_shutdown);
 }
 
@@ -310,22 +307,11 @@ fn vmm(l: &mut List) {
             2,
             &[sig(vmm_sys_util::signal::SIGRTMIN())],
         )
-        // Duplicating eventfds; stdin, sockets and TAPs non-blocking.
-        .arg_in(
-            "fcntl",
-            libc::SYS_fcntl,
-            1,
-            &[
-                libc::F_DUPFD_CLOEXEC as u64,
-                libc::F_GETFL as u64,
-                libc::F_SETFL as u64,
-            ],
-        )
-        // virtio-blk (positioned I/O, flush), virtio-net (TAP frames), virtio-rng.
+        // The main thread ends the process (ledge's VMM thread is its main thread).
+        .any("exit_group", libc::SYS_exit_group)
+        // virtio-blk: positioned I/O and flush (virtio-net, -rng and -vsock use read/write).
         .any("pread64", libc::SYS_pread64)
         .any("pwrite64", libc::SYS_pwrite64)
-        .any("readv", libc::SYS_readv)
-        .any("writev", libc::SYS_writev)
         .any("fdatasync", libc::SYS_fdatasync)
         .any("fsync", libc::SYS_fsync)
         // Snapshots: the state and memory files are created beside their target, sized,
@@ -337,25 +323,23 @@ fn vmm(l: &mut List) {
         .any("lseek", libc::SYS_lseek)
         .any("ftruncate", libc::SYS_ftruncate)
         .any("fsetxattr", libc::SYS_fsetxattr)
-        .any("fgetxattr", libc::SYS_fgetxattr)
         .any("rename", libc::SYS_rename)
         .any("unlink", libc::SYS_unlink)
         .any("getdents64", libc::SYS_getdents64)
         .any("newfstatat", libc::SYS_newfstatat)
-        .any("fstat", libc::SYS_fstat)
         .any("statx", libc::SYS_statx)
-        // virtio-vsock: host clients connect to the device's Unix socket, guest connections
-        // reach host listeners at PATH_PORT. Unix sockets only.
+        // virtio-vsock: host clients connect to the device's Unix socket (accept4, then their
+        // CONNECT line is read with recv), guest connections reach host listeners at
+        // PATH_PORT (socket, connect); data moves with read/write. Unix sockets only.
         .arg_in("socket", libc::SYS_socket, 0, &[libc::AF_UNIX as u64])
         .any("connect", libc::SYS_connect)
         .any("accept4", libc::SYS_accept4)
         .any("recvfrom", libc::SYS_recvfrom)
-        .any("sendto", libc::SYS_sendto)
         .any("shutdown", libc::SYS_shutdown)
-        // Timers: the balloon's statistics, vsock's timeouts, the rate limiters.
+        // Timers: the balloon's statistics, vsock's timeouts, the rate limiters (read on
+        // expiry is `read`).
         .any("timerfd_create", libc::SYS_timerfd_create)
-        .any("timerfd_settime", libc::SYS_timerfd_settime)
-        .any("timerfd_gettime", libc::SYS_timerfd_gettime);
+        .any("timerfd_settime", libc::SYS_timerfd_settime);
 }
 
 fn api(l: &mut List) {
