@@ -330,11 +330,13 @@ fn vmm(l: &mut List) {
         .any("statx", libc::SYS_statx)
         // virtio-vsock: host clients connect to the device's Unix socket (accept4, then their
         // CONNECT line is read with recv), guest connections reach host listeners at
-        // PATH_PORT (socket, connect); data moves with read/write. Unix sockets only.
+        // PATH_PORT (socket, connect); guest data moves with read/write, the `OK <port>`
+        // answer with std's send (MSG_NOSIGNAL). Unix sockets only.
         .arg_in("socket", libc::SYS_socket, 0, &[libc::AF_UNIX as u64])
         .any("connect", libc::SYS_connect)
         .any("accept4", libc::SYS_accept4)
         .any("recvfrom", libc::SYS_recvfrom)
+        .arg_in("sendto", libc::SYS_sendto, 3, &[libc::MSG_NOSIGNAL as u64])
         .any("shutdown", libc::SYS_shutdown)
         // Timers: the balloon's statistics, vsock's timeouts, the rate limiters (read on
         // expiry is `read`).
@@ -353,7 +355,7 @@ fn api(l: &mut List) {
         .any("epoll_ctl", libc::SYS_epoll_ctl)
         .any("accept4", libc::SYS_accept4)
         .any("recvfrom", libc::SYS_recvfrom)
-        .any("sendto", libc::SYS_sendto)
+        .arg_in("sendto", libc::SYS_sendto, 3, &[libc::MSG_NOSIGNAL as u64])
         .any("shutdown", libc::SYS_shutdown);
 }
 
@@ -450,5 +452,65 @@ mod tests {
         assert!(m.contains(&"socket") && !a.contains(&"socket") && !v.contains(&"socket"));
         assert!(a.contains(&"accept4") && !v.contains(&"accept4"));
         assert!(!v.contains(&"epoll_wait"));
+    }
+}
+
+/// For device tests: run code under a real filter in a child process, so a call outside the
+/// list kills the child (SIGSYS), not the whole test run.
+#[cfg(test)]
+pub(crate) mod under_filter {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::{install, SeccompLevel, ThreadKind};
+
+    const ENV: &str = "LEDGE_SECCOMP_UNIT_CHILD";
+
+    /// Runs the ignored test `name` (its path from the crate root) alone in a new process of
+    /// this test binary, marked as the child; fails unless it passed there.
+    pub fn run_child(name: &str) {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                name,
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(ENV, name)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run the child test");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let killed = if out.status.signal() == Some(libc::SIGSYS) {
+            " — SIGSYS: a system call outside the list (dmesg: type=1326 ... syscall=N)"
+        } else {
+            ""
+        };
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "{name} in a child: {}{killed}\nstdout:\n{stdout}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// True in the child `run_child` started for `name`.
+    pub fn is_child(name: &str) -> bool {
+        std::env::var(ENV).as_deref() == Ok(name)
+    }
+
+    /// Runs `f` on a new thread with `kind`'s filter at `Kill`, returning what it returns.
+    pub fn filtered<T: Send>(kind: ThreadKind, f: impl FnOnce() -> T + Send) -> T {
+        std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name(format!("{kind}-filtered"))
+                .spawn_scoped(scope, move || {
+                    install(kind, SeccompLevel::Kill).expect("install the filter");
+                    f()
+                })
+                .unwrap()
+                .join()
+                .expect("the filtered thread panicked")
+        })
     }
 }
