@@ -274,9 +274,24 @@ fn seccomp_of_threads(pid: u32) -> BTreeMap<String, (u32, u32)> {
     out
 }
 
-/// Boots the probe guest counting on 2 vCPUs via the binary with `extra` flags, serving the
-/// API; returns the threads' seccomp state once the guest runs, then stops it with SIGTERM
-/// (the filtered exit path) and checks it exited cleanly.
+/// Runs `ledge ARGS` (serving the API on `sock` if given) until the guest counts; returns the
+/// threads' seccomp state then, and stops it with SIGTERM (the filtered exit path), checking
+/// it exited cleanly.
+fn threads_of(test: &str, args: &[&str], sock: Option<&Path>) -> BTreeMap<String, (u32, u32)> {
+    let mut l = Ledge::spawn(args);
+    if let Some(sock) = sock {
+        l.wait_accepting(sock);
+    }
+    l.wait_count_above(None, test);
+    let threads = seccomp_of_threads(l.pid());
+    println!("[{test}] ledge {args:?}: threads (name: Seccomp, Seccomp_filters): {threads:?}");
+    let st = l.terminate();
+    assert!(st.success(), "[{test}] exit {st}:\n{}", l.diag());
+    threads
+}
+
+/// The probe guest counting on 2 vCPUs via `ledge run` with `extra` flags, with or without
+/// an API socket.
 fn threads_of_a_running_vm(test: &str, api: bool, extra: &[&str]) -> BTreeMap<String, (u32, u32)> {
     let dir = common::scratch(test);
     let sock = dir.join("api.sock");
@@ -285,15 +300,7 @@ fn threads_of_a_running_vm(test: &str, api: bool, extra: &[&str]) -> BTreeMap<St
         args.extend(["--api-sock", sock.to_str().unwrap()]);
     }
     args.extend_from_slice(extra);
-    let mut l = Ledge::spawn(&args);
-    if api {
-        l.wait_accepting(&sock);
-    }
-    l.wait_count_above(None, test);
-    let threads = seccomp_of_threads(l.pid());
-    println!("[{test}] threads (name: Seccomp, Seccomp_filters): {threads:?}");
-    let st = l.terminate();
-    assert!(st.success(), "[{test}] exit {st}:\n{}", l.diag());
+    let threads = threads_of(test, &args, api.then_some(sock.as_path()));
     let _ = std::fs::remove_dir_all(dir);
     threads
 }
@@ -324,6 +331,42 @@ fn every_thread_of_a_running_vm_is_filtered() {
     expect_threads(&t, &["ledge", "vcpu0", "vcpu1"], (2, 1), test);
     let t = threads_of_a_running_vm(test, true, &["--seccomp", "log"]);
     expect_threads(&t, &["api", "ledge", "vcpu0", "vcpu1"], (2, 1), test);
+}
+
+#[test]
+fn a_restored_vm_is_filtered_too() {
+    let test = "a_restored_vm_is_filtered_too";
+    if !common::require_kvm(test) {
+        return;
+    }
+    // The format-1 fixture of tests/snapshot.rs: a counting probe guest with one vCPU.
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/snapshot-v1");
+    let dir = common::scratch(test);
+    let mem = dir.join("vm.mem");
+    let unpacked = Command::new("gzip")
+        .arg("-dc")
+        .arg(fixture.join("vm.mem.gz"))
+        .stdout(std::fs::File::create(&mem).unwrap())
+        .status()
+        .expect("gzip");
+    assert!(unpacked.success());
+    let snap = fixture.join("vm.snap");
+    let (snap, mem) = (snap.to_str().unwrap(), mem.to_str().unwrap());
+    let t = threads_of(test, &["restore", "--snapshot", snap, "--mem", mem], None);
+    expect_threads(&t, &["ledge", "vcpu0"], (2, 1), test);
+    let sock = dir.join("api.sock");
+    let args = [
+        "restore",
+        "--snapshot",
+        snap,
+        "--mem",
+        mem,
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ];
+    let t = threads_of(test, &args, Some(&sock));
+    expect_threads(&t, &["api", "ledge", "vcpu0"], (2, 1), test);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
