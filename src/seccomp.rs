@@ -413,6 +413,13 @@ mod tests {
                     "{kind}: {} instructions",
                     p.len()
                 );
+                if level == SeccompLevel::Kill {
+                    println!(
+                        "{kind}: {} system calls, {} BPF instructions",
+                        allowed(kind).len(),
+                        p.len()
+                    );
+                }
             }
             assert!(filter(kind, SeccompLevel::Off).unwrap().is_none());
         }
