@@ -332,7 +332,7 @@ fn assemble(
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_call("creating a vcpu"))?;
             arch::state::restore_vcpu(&fd, saved)?;
-            vcpus.push(vcpu(id, fd).start()?);
+            vcpus.push(vcpu(id, fd).start(config.seccomp)?);
         }
         // Devices last: restoring them may raise interrupts, which must land in the restored
         // interrupt controllers. The kvmclock goes back on resume.
@@ -428,7 +428,7 @@ fn assemble(
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_call("creating a vcpu"))?;
             arch::configure_vcpu(&fd, id, vcpu_count, &setup, &cpuid)?;
-            vcpus.push(vcpu(id, fd).start()?);
+            vcpus.push(vcpu(id, fd).start(config.seccomp)?);
         }
         None
     };

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{BootProtocol, ConfigError, ConsoleConfig, VmConfig};
+use crate::config::{BootProtocol, ConfigError, ConsoleConfig, SeccompLevel, VmConfig};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -49,8 +49,27 @@ pub struct Cli {
     /// With --config-file: boot without serving the API.
     #[arg(long, requires = "config_file")]
     pub no_api: bool,
+    /// Seccomp filters on the vCPU, VMM and API threads: `kill` ends the process with SIGSYS
+    /// when a thread makes a system call outside its allow-list, `log` lets the call through
+    /// and the kernel logs it (dmesg / audit log) [default: kill].
+    #[arg(long, global = true, value_name = "ACTION", value_parser = ["kill", "log"])]
+    pub seccomp: Option<String>,
+    /// Run without seccomp filters (for debugging only).
+    #[arg(long, global = true, conflicts_with = "seccomp")]
+    pub no_seccomp: bool,
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+impl Cli {
+    /// The seccomp level `--seccomp` / `--no-seccomp` ask for.
+    pub fn seccomp_level(&self) -> SeccompLevel {
+        match (self.no_seccomp, self.seccomp.as_deref()) {
+            (true, _) => SeccompLevel::Off,
+            (false, Some("log")) => SeccompLevel::Log,
+            _ => SeccompLevel::Kill,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -339,6 +358,36 @@ mod tests {
         assert_eq!((c.machine.vcpus, c.machine.mem_mib), (3, 64));
         assert_eq!(c.console, ConsoleConfig::Off);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn seccomp_flags() {
+        let level = |args: &[&str]| Cli::try_parse_from(args).map(|c| c.seccomp_level());
+        assert_eq!(level(&["ledge", "run"]).unwrap(), SeccompLevel::Kill);
+        assert_eq!(
+            level(&["ledge", "run", "--seccomp", "log"]).unwrap(),
+            SeccompLevel::Log
+        );
+        assert_eq!(
+            level(&[
+                "ledge",
+                "--seccomp",
+                "kill",
+                "restore",
+                "--snapshot",
+                "s",
+                "--mem",
+                "m"
+            ])
+            .unwrap(),
+            SeccompLevel::Kill
+        );
+        assert_eq!(
+            level(&["ledge", "--api-sock", "/s", "--no-seccomp"]).unwrap(),
+            SeccompLevel::Off
+        );
+        assert!(level(&["ledge", "run", "--seccomp", "trap"]).is_err());
+        assert!(level(&["ledge", "run", "--seccomp", "log", "--no-seccomp"]).is_err());
     }
 
     #[test]

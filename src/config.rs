@@ -98,6 +98,11 @@ pub struct VmConfig {
     /// virtio-balloon.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<BalloonConfig>,
+    /// What the seccomp filters of Ledge's threads do with a forbidden system call (see
+    /// `seccomp`). A property of the process running the VM, not of the VM: never read from
+    /// or written to a config file, the API or a snapshot. Default `Kill`, for the library too.
+    #[serde(skip)]
+    pub seccomp: SeccompLevel,
 }
 
 /// Most virtio devices one VM can have: one GSI each, from IRQ 5 to 23.
@@ -564,6 +569,28 @@ impl BootConfig {
             (None, Some(_)) => DEFAULT_LINUX_CMDLINE.to_string(),
             (None, None) => String::new(),
         }
+    }
+}
+
+/// What a thread's seccomp filter does with a system call outside its allow-list.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SeccompLevel {
+    /// `SECCOMP_RET_KILL_PROCESS`: the process dies with SIGSYS (the default).
+    #[default]
+    Kill,
+    /// `SECCOMP_RET_LOG`: the call goes through and the kernel logs it (audit log, dmesg).
+    Log,
+    /// No filters: debugging only.
+    Off,
+}
+
+impl fmt::Display for SeccompLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SeccompLevel::Kill => "kill",
+            SeccompLevel::Log => "log",
+            SeccompLevel::Off => "off",
+        })
     }
 }
 

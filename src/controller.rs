@@ -44,6 +44,8 @@ pub enum ControllerError {
     Build(#[from] BuildError),
     #[error(transparent)]
     Vmm(#[from] VmmError),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// Wakes the event loop when API requests wait; the controller drains them after `poll`.
@@ -277,6 +279,11 @@ impl Controller {
         source: crate::builder::RestoreSource,
         resume: bool,
     ) -> Result<(), ControllerError> {
+        // The filters are the process's choice; a snapshot does not carry them.
+        let config = VmConfig {
+            seccomp: self.config.seccomp,
+            ..config
+        };
         let pre = self.take_prewarmed();
         let vmm = crate::builder::restore_prewarmed(&config, source, self.console.take(), pre)?;
         self.config = config;
@@ -306,7 +313,9 @@ impl Controller {
         }
     }
 
-    /// Takes over a built VM: API requests and the stop event wake its event loop.
+    /// Takes over a built VM: API requests and the stop event wake its event loop. From here on
+    /// this thread is the VMM thread of a running VM: it installs the VMM seccomp filter (its
+    /// vCPU threads, already started, carry their own).
     fn install(&mut self, mut vmm: Vmm) -> Result<(), ControllerError> {
         let wake = self
             .requests
@@ -320,6 +329,7 @@ impl Controller {
                 .map_err(|e| ControllerError::Build(BuildError::EventFd(e)))?;
             vmm.stop_on(t);
         }
+        crate::seccomp::install(crate::seccomp::ThreadKind::Vmm, self.config.seccomp)?;
         self.vmm = Some(vmm);
         Ok(())
     }
@@ -610,6 +620,7 @@ impl Controller {
         }
         let pristine = VmConfig {
             console: self.config.console.clone(),
+            seccomp: self.config.seccomp,
             ..VmConfig::default()
         };
         if self.config != pristine {

@@ -28,6 +28,11 @@
 //! The one process-wide signal handler the library installs is for `SIGRTMIN`, which kicks a
 //! vCPU thread out of `KVM_RUN`.
 //!
+//! Every vCPU thread, the `vmm` thread of a `VmmHandle` and the `api` thread install a seccomp
+//! filter (`seccomp`) before the guest runs; `VmConfig::seccomp` chooses what a forbidden call
+//! does, by default `Kill` (the process dies with SIGSYS). A caller's own thread running
+//! `Vmm::run` is not filtered unless it calls `seccomp::install` itself.
+//!
 //! ## Code map
 //! - `api`: the control API, Firecracker-compatible HTTP over a Unix socket (API thread);
 //! - `config`: `VmConfig`, the one schema, and its validation;
@@ -44,6 +49,7 @@
 //! - `logger`: the opt-in logger the binary installs (stderr or a file, level at run time);
 //! - `probe`: the embedded probe guest;
 //! - `rate_limiter`: token buckets for the virtio-blk and virtio-net devices;
+//! - `seccomp`: the system-call filters of the vCPU, VMM and API threads;
 //! - `snapshot`: the snapshot state-file format, memory files and diff merging.
 //!
 //! resources/ARCHITECTURE.md has the longer version.
@@ -62,6 +68,7 @@ pub mod kvm;
 pub mod logger;
 pub mod probe;
 pub mod rate_limiter;
+pub mod seccomp;
 pub mod snapshot;
 pub mod vmm;
 

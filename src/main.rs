@@ -9,9 +9,11 @@ use anyhow::Context;
 use clap::Parser;
 use std::time::Duration;
 
-use ledge::api::{client, ApiServer};
+use ledge::api::{client, ApiServer, ServerOptions};
 use ledge::cli::{Cli, Command, RestoreArgs, SnapshotCommand};
+use ledge::config::SeccompLevel;
 use ledge::controller::{load_config_file, Controller, LoadedConfig};
+use ledge::seccomp::ThreadKind;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Makes sure fds 0, 1 and 2 are open (on /dev/null if they were closed), so that no file
@@ -84,6 +86,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let terminate = install_termination_handler()?;
+    let seccomp = cli.seccomp_level();
     match cli.command {
         Some(Command::ExportProbe { path }) => {
             std::fs::write(&path, ledge::probe::PROBE_ELF)
@@ -91,13 +94,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Some(Command::Snapshot(cmd)) => snapshot_command(cmd),
-        Some(Command::Restore(args)) => restore(&cli.id, &args, terminate),
+        Some(Command::Restore(args)) => restore(&cli.id, &args, seccomp, terminate),
         Some(Command::Jail(args)) => {
             let status = ledge::jail::run(&args, std::os::fd::AsRawFd::as_raw_fd(&terminate))?;
             Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)))
         }
         Some(Command::Run(args)) => {
-            let config = args.to_config()?;
+            let mut config = args.to_config()?;
+            config.seccomp = seccomp;
             match &args.api_sock {
                 Some(sock) => serve(
                     sock,
@@ -112,19 +116,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 None => {
                     let mut vmm = ledge::build(&config)?;
                     vmm.stop_on(terminate);
+                    ledge::seccomp::install(ThreadKind::Vmm, seccomp)?;
                     finish(vmm.run()?, Some(&vmm))
                 }
             }
         }
         None => {
-            let loaded = match &cli.config_file {
+            let mut loaded = match &cli.config_file {
                 Some(p) => load_config_file(p)?,
                 None => LoadedConfig::default(),
             };
+            loaded.config.seccomp = seccomp;
             if cli.no_api {
                 // clap makes --no-api require --config-file.
                 let mut vmm = ledge::build(&loaded.config)?;
                 vmm.stop_on(terminate);
+                ledge::seccomp::install(ThreadKind::Vmm, seccomp)?;
                 return finish(vmm.run()?, Some(&vmm));
             }
             let Some(sock) = &cli.api_sock else {
@@ -202,14 +209,20 @@ fn snapshot_command(cmd: SnapshotCommand) -> anyhow::Result<ExitCode> {
 }
 
 /// `ledge restore`: the snapshot/load request from flags; in the foreground, or serving the API.
-fn restore(id: &str, args: &RestoreArgs, terminate: EventFd) -> anyhow::Result<ExitCode> {
+fn restore(
+    id: &str,
+    args: &RestoreArgs,
+    seccomp: SeccompLevel,
+    terminate: EventFd,
+) -> anyhow::Result<ExitCode> {
     let params = args.to_load_params().map_err(|e| anyhow::anyhow!(e))?;
     let console = args.console.clone().unwrap_or_default();
     match &args.api_sock {
         Some(sock) => {
-            let (server, requests) = ApiServer::start(sock, id)?;
+            let (server, requests) = api_server(sock, id, seccomp)?;
             let config = ledge::VmConfig {
                 console,
+                seccomp,
                 ..Default::default()
             };
             let mut controller = Controller::new(id, config, requests);
@@ -222,10 +235,12 @@ fn restore(id: &str, args: &RestoreArgs, terminate: EventFd) -> anyhow::Result<E
             finish(exit, None)
         }
         None => {
-            let (config, source) = ledge::controller::prepare_restore(&params, &console)
+            let (mut config, source) = ledge::controller::prepare_restore(&params, &console)
                 .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            config.seccomp = seccomp;
             let mut vmm = ledge::builder::restore(&config, source, None)?;
             vmm.stop_on(terminate);
+            ledge::seccomp::install(ThreadKind::Vmm, seccomp)?;
             vmm.resume()?;
             finish(vmm.run()?, Some(&vmm))
         }
@@ -240,7 +255,7 @@ fn serve(
     boot_now: bool,
     terminate: EventFd,
 ) -> anyhow::Result<ExitCode> {
-    let (server, requests) = ApiServer::start(sock, id)?;
+    let (server, requests) = api_server(sock, id, loaded.config.seccomp)?;
     let mut controller = Controller::new(id, loaded.config, requests);
     controller.stop_on(terminate);
     controller
@@ -252,6 +267,19 @@ fn serve(
     let exit = controller.run()?;
     drop(server);
     finish(exit, None)
+}
+
+/// Starts the API thread; it installs its seccomp filter before serving.
+fn api_server(
+    sock: &std::path::Path,
+    id: &str,
+    seccomp: SeccompLevel,
+) -> anyhow::Result<(ApiServer, ledge::api::ApiReceiver)> {
+    let options = ServerOptions {
+        seccomp,
+        ..Default::default()
+    };
+    Ok(ApiServer::start_with(sock, id, options)?)
 }
 
 fn finish(exit: ledge::VmExit, vmm: Option<&ledge::Vmm>) -> anyhow::Result<ExitCode> {

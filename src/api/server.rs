@@ -30,6 +30,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::types;
 use super::{ApiError, ApiReceiver, ApiRequest, Reply, Request, Response};
+use crate::config::SeccompLevel;
+use crate::seccomp::ThreadKind;
 
 /// Largest request head (request line and headers).
 pub const MAX_HEADER_BYTES: usize = 8 * 1024;
@@ -92,6 +94,10 @@ pub enum ApiServerError {
     EventLoop(#[source] io::Error),
     #[error("cannot start the api thread")]
     Spawn(#[source] io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error("the api thread ended before serving")]
+    Gone,
 }
 
 /// Tunables; the defaults are the documented limits.
@@ -102,6 +108,8 @@ pub struct ServerOptions {
     /// How long a request may take to arrive, from its first byte (slowloris guard).
     pub request_timeout: Duration,
     pub max_connections: usize,
+    /// The api thread's seccomp filter, installed before it accepts a connection.
+    pub seccomp: SeccompLevel,
 }
 
 impl Default for ServerOptions {
@@ -110,6 +118,7 @@ impl Default for ServerOptions {
             reply_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(5),
             max_connections: MAX_CONNECTIONS,
+            seccomp: SeccompLevel::default(),
         }
     }
 }
@@ -169,6 +178,9 @@ impl ApiServer {
         let stop = EventFd::new(EFD_NONBLOCK)
             .map_err(ApiServerError::EventLoop)
             .map_err(remove_on_error)?;
+        let filter = crate::seccomp::filter(ThreadKind::Api, options.seccomp)
+            .map_err(ApiServerError::Seccomp)
+            .map_err(remove_on_error)?;
         let (tx, rx) = mpsc::channel();
         let stopping = Arc::new(AtomicBool::new(false));
         let mut server = Server::new(
@@ -183,11 +195,30 @@ impl ApiServer {
         )
         .map_err(ApiServerError::EventLoop)
         .map_err(remove_on_error)?;
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || server.run())
+            .spawn(move || {
+                // Before the first connection is accepted.
+                let installed = filter
+                    .as_ref()
+                    .map_or(Ok(()), |f| crate::seccomp::apply(ThreadKind::Api, f));
+                let ok = installed.is_ok();
+                let _ = ready_tx.send(installed);
+                if ok {
+                    server.run();
+                }
+            })
             .map_err(ApiServerError::Spawn)
             .map_err(remove_on_error)?;
+        let installed = match ready_rx.recv() {
+            Ok(r) => r.map_err(ApiServerError::Seccomp),
+            Err(_) => Err(ApiServerError::Gone),
+        };
+        if let Err(e) = installed {
+            let _ = thread.join();
+            return Err(remove_on_error(e));
+        }
         Ok((
             ApiServer {
                 path: path.to_path_buf(),

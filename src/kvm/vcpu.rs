@@ -13,7 +13,7 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -25,8 +25,10 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::arch::x86_64::state::{save_vcpu, StateError, VcpuState};
+use crate::config::SeccompLevel;
 use crate::devices::Bus;
 use crate::exit::{ExitSignal, VmExit};
+use crate::seccomp::ThreadKind;
 
 /// Errors managing vCPU threads.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +45,8 @@ pub enum VcpuError {
     Kick(u8, #[source] vmm_sys_util::errno::Error),
     #[error("cannot save the state of vcpu {0}")]
     Save(u8, #[source] crate::arch::x86_64::state::StateError),
+    #[error("vcpu {0}")]
+    Seccomp(u8, #[source] crate::seccomp::SeccompError),
 }
 
 /// What the VMM asks of a vCPU thread.
@@ -268,17 +272,37 @@ impl Vcpu {
         }
     }
 
-    /// Starts the thread `vcpuN`, paused.
-    pub fn start(self) -> Result<VcpuHandle, VcpuError> {
+    /// Starts the thread `vcpuN`, paused. The thread installs the vCPU seccomp filter at
+    /// `seccomp` first; this returns once it has (or with the reason it could not).
+    pub fn start(self, seccomp: SeccompLevel) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
         let id = self.id;
+        let filter = crate::seccomp::filter(ThreadKind::Vcpu, seccomp)
+            .map_err(|e| VcpuError::Seccomp(id, e))?;
         let (cmd_tx, cmd_rx) = channel();
         let (evt_tx, evt_rx) = channel();
         let (state_tx, state_rx) = channel();
+        let (ready_tx, ready_rx) = sync_channel(1);
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || self.thread_main(cmd_rx, evt_tx, state_tx))
+            .spawn(move || {
+                // Before anything else, and so before the first KVM_RUN.
+                let installed = filter
+                    .as_ref()
+                    .map_or(Ok(()), |f| crate::seccomp::apply(ThreadKind::Vcpu, f));
+                let ok = installed.is_ok();
+                let _ = ready_tx.send(installed);
+                if ok {
+                    self.thread_main(cmd_rx, evt_tx, state_tx);
+                }
+            })
             .map_err(|e| VcpuError::Spawn(id, e))?;
+        // No answer means the thread ended early: it can only have panicked.
+        let installed = ready_rx.recv().map_err(|_| VcpuError::Gone(id));
+        if let Err(e) = installed.and_then(|r| r.map_err(|e| VcpuError::Seccomp(id, e))) {
+            let _ = thread.join();
+            return Err(e);
+        }
         Ok(VcpuHandle {
             id,
             commands: cmd_tx,

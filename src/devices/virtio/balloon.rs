@@ -906,6 +906,60 @@ mod tests {
         assert_eq!(c.discard_errors, 0);
     }
 
+    /// The balloon under the real seccomp filters, in a child process (a call outside a list
+    /// kills it with SIGSYS): activation and reset on a vCPU thread (a guest's MMIO write),
+    /// inflating (madvise), the statistics timer and requests on the VMM thread.
+    #[test]
+    fn runs_under_the_seccomp_filters() {
+        crate::seccomp::under_filter::run_child(
+            "devices::virtio::balloon::tests::seccomp_child_balloon",
+        );
+    }
+
+    #[test]
+    #[ignore = "run by runs_under_the_seccomp_filters in a child process"]
+    fn seccomp_child_balloon() {
+        use crate::seccomp::{under_filter, ThreadKind};
+        if !under_filter::is_child("devices::virtio::balloon::tests::seccomp_child_balloon") {
+            return;
+        }
+        let mem = memory();
+        let mut b = Balloon::new(&cfg(1, false, 1)).unwrap();
+        b.set_acked_features(b.avail_features());
+        let mocks: Vec<_> = QUEUE_BASES
+            .iter()
+            .map(|&base| MockSplitQueue::create(&mem, GuestAddress(base), QSIZE))
+            .collect();
+        let queues = mocks.iter().map(|m| queue_from_mock(m, QSIZE)).collect();
+        let (act, _irq) = active(&mem, queues);
+        // The guest's DRIVER_OK: activation arms the statistics timer.
+        under_filter::filtered(ThreadKind::Vcpu, || b.activate(act).unwrap());
+        assert!(b.stats_timer.is_armed().unwrap());
+        fill_pattern(&mem);
+        let len = write_pfns(&mem, DATA, &[0x41, 0x42]);
+        mocks[0]
+            .add_desc_chains(&[desc(DATA, len, 0, 0)], 0)
+            .unwrap();
+        let stats = stats_entries(&[(4, 100 << 20)]);
+        mem.write_slice(&stats, GuestAddress(DATA + 0x100)).unwrap();
+        mocks[2]
+            .add_desc_chains(&[desc(DATA + 0x100, stats.len() as u32, 0, 0)], 0)
+            .unwrap();
+        under_filter::filtered(ThreadKind::Vmm, || {
+            assert_eq!(b.process_inflate(), 1);
+            assert_eq!(b.process_stats(), 0);
+            std::thread::sleep(Duration::from_millis(1100));
+            assert!(b.request_stats(), "the held buffer goes back on the timer");
+            b.set_stats_interval(2);
+            b.set_target_mib(0);
+        });
+        assert_eq!(page_state(&mem, 0x41), "zero");
+        assert_eq!(b.counters().discard_errors, 0);
+        // The guest resets the device: the timer stops.
+        under_filter::filtered(ThreadKind::Vcpu, || VirtioDevice::reset(&mut b));
+        assert!(!b.stats_timer.is_armed().unwrap());
+    }
+
     #[test]
     fn pfns_outside_memory_are_skipped_and_counted() {
         let mem = memory();

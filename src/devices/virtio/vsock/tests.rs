@@ -1408,3 +1408,79 @@ mod snapshot {
         ));
     }
 }
+
+/// The vsock data paths under the real seccomp filters: the VMM thread's for the event loop
+/// (host and guest connections, data both ways, shutdowns, the timer), the vCPU thread's for
+/// a reset (which a guest's MMIO write makes on its vCPU thread). Run in a child process:
+/// a call outside a list kills it with SIGSYS.
+#[test]
+fn data_paths_run_under_the_seccomp_filters() {
+    crate::seccomp::under_filter::run_child(
+        "devices::virtio::vsock::tests::seccomp_child_data_paths",
+    );
+}
+
+#[test]
+#[ignore = "run by data_paths_run_under_the_seccomp_filters in a child process"]
+fn seccomp_child_data_paths() {
+    use crate::seccomp::{under_filter, ThreadKind};
+    if !under_filter::is_child("devices::virtio::vsock::tests::seccomp_child_data_paths") {
+        return;
+    }
+    // Made before the filters: the device's listener and directory, a host listener.
+    let mut h = H::with(
+        Some(Timeouts {
+            connect_line: Duration::from_millis(200),
+            ..Timeouts::default()
+        }),
+        false,
+    );
+    let l = h.listen(5000);
+    let h = under_filter::filtered(ThreadKind::Vmm, move || {
+        // Host → guest: the client's CONNECT line, data both ways, a second client.
+        let (mut s, hp) = h.host_connect(1234);
+        s.write_all(b"hello").unwrap();
+        h.run();
+        let (p, data) = h.recv_one();
+        assert_eq!((p.op, data.as_slice()), (OP_RW, &b"hello"[..]));
+        h.send(Pkt::guest(OP_RW, 1234, hp), b"world");
+        assert_eq!(read_all(&mut s), b"world");
+        // Guest → host: connect to PATH_5000, data both ways, the guest shuts down.
+        let mut g = h.guest_connect(&l, 777, 5000);
+        h.send(Pkt::guest(OP_RW, 777, 5000), b"ping");
+        assert_eq!(read_all(&mut g), b"ping");
+        g.write_all(b"pong").unwrap();
+        h.run();
+        let (p, data) = h.recv_one();
+        assert_eq!((p.op, data.as_slice()), (OP_RW, &b"pong"[..]));
+        let mut shut = Pkt::guest(OP_SHUTDOWN, 777, 5000);
+        shut.flags = SHUTDOWN_BOTH;
+        h.send(shut, &[]);
+        let (p, _) = h.recv_one();
+        assert_eq!(p.op, OP_RST);
+        assert!(closed(&mut g));
+        // A client that never sends its line is closed by the timer.
+        let mut idle = UnixStream::connect(&h.uds).unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+        h.run();
+        std::thread::sleep(Duration::from_millis(400));
+        h.run();
+        assert!(closed(&mut idle), "the connect-line timeout closes it");
+        // The host closes its side.
+        drop(s);
+        h.run();
+        h.give_rx(4);
+        assert!(h.recv().iter().any(|(p, _)| p.op == OP_SHUTDOWN));
+        // A connection the reset below must close.
+        let (s2, _) = h.host_connect(99);
+        (h, s2)
+    });
+    // The guest resets the device (status 0): on a vCPU thread, through the MMIO transport.
+    let dev = h.0.dev.clone();
+    under_filter::filtered(ThreadKind::Vcpu, move || {
+        crate::devices::virtio::VirtioDevice::reset(&mut *dev.lock().unwrap());
+    });
+    let (h, mut s2) = h;
+    assert!(closed(&mut s2), "the reset closed the host connection");
+    assert_eq!(h.conns(), 0);
+}
