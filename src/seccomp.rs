@@ -317,9 +317,11 @@ fn vmm(l: &mut List) {
         // Snapshots: the state and memory files are created beside their target, sized,
         // tagged (xattr), synced and renamed into place (or removed on failure); a memory file
         // is read sparsely (SEEK_DATA/SEEK_HOLE); leftovers of dead writers are swept
-        // (directory listing, /proc/PID). Metrics and a log file set through the API are
+        // (directory listing, unlocked files). Metrics and a log file set through the API are
         // opened here too. The snapshot id is read from /dev/urandom.
         .any("openat", libc::SYS_openat)
+        // The writer's lock on a temporary snapshot file, and the sweep's test of it.
+        .any("flock", libc::SYS_flock)
         .any("lseek", libc::SYS_lseek)
         .any("ftruncate", libc::SYS_ftruncate)
         .any("fsetxattr", libc::SYS_fsetxattr)

@@ -156,11 +156,11 @@ fn cpio_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
     }
     out.extend_from_slice(name.as_bytes());
     out.push(0);
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
     out.extend_from_slice(data);
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
 }
@@ -169,7 +169,7 @@ fn cpio_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
 /// scripts (Linux unpacks concatenated archives; zero padding aligns the second one).
 fn build_initrd(g: &Path, tool: &Path, out: &Path) {
     let mut buf = std::fs::read(g.join("initramfs.cpio.gz")).expect("initramfs.cpio.gz");
-    while buf.len() % 512 != 0 {
+    while !buf.len().is_multiple_of(512) {
         buf.push(0);
     }
     let mut a = Vec::new();

@@ -817,7 +817,7 @@ impl Server {
                 let done = self
                     .connections
                     .get(&token)
-                    .map_or(true, |c| c.output.is_empty());
+                    .is_none_or(|c| c.output.is_empty());
                 if done {
                     self.close(token);
                     return;

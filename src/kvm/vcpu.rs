@@ -242,7 +242,7 @@ static UNCLAIMED: AtomicU64 = AtomicU64::new(0);
 /// Logs an access no device claims, rate-limited: the first 32, then one in 4096.
 fn log_unclaimed(kind: &str, addr: u64, len: usize, write: bool) {
     let n = UNCLAIMED.fetch_add(1, Ordering::Relaxed);
-    if n < 32 || n % 4096 == 0 {
+    if n < 32 || n.is_multiple_of(4096) {
         log::debug!(
             "unclaimed {kind} {} at {addr:#x}, {len} bytes (#{})",
             if write { "write" } else { "read" },

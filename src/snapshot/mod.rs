@@ -195,10 +195,30 @@ fn temp_path(path: &Path) -> PathBuf {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.ledge-tmp.{}", std::process::id()))
+    // The pid alone is not unique: every jailed VMM is PID 1 in its own namespace.
+    let salt = &new_id()[..8];
+    path.with_file_name(format!(".{name}.ledge-tmp.{}-{salt}", std::process::id()))
 }
 
-/// Removes temporary files a killed Ledge left next to `path` (their writer's pid is gone).
+/// Creates the temporary file `tmp` and takes its writer's lock: an exclusive flock held as
+/// long as the file is open, which the kernel drops when the writer dies however it dies.
+fn create_locked(tmp: &Path) -> Result<File, SnapshotError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(tmp)
+        .map_err(io("create", tmp))?;
+    if let Err(e) = file.try_lock() {
+        let _ = std::fs::remove_file(tmp);
+        return Err(io("lock", tmp)(std::io::Error::other(e.to_string())));
+    }
+    Ok(file)
+}
+
+/// Removes temporary files a killed Ledge left next to `path`: those whose writer's lock
+/// (`create_locked`) nobody holds any more. A live writer's file is left alone, whichever
+/// process or PID namespace it is in.
 fn remove_stale_temps(path: &Path) {
     let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
         return;
@@ -213,13 +233,15 @@ fn remove_stale_temps(path: &Path) {
     };
     for e in entries.flatten() {
         let file = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = file.strip_prefix(&prefix) else {
+        if !file.starts_with(&prefix) {
+            continue;
+        }
+        let Ok(f) = File::open(e.path()) else {
             continue;
         };
-        let alive = pid
-            .parse::<u32>()
-            .is_ok_and(|p| Path::new(&format!("/proc/{p}")).exists());
-        if !alive {
+        // Locked: its writer is alive. Unlocked: the writer is gone (the lock is kept until
+        // the file is removed, so no new writer can take this name meanwhile: names are unique).
+        if f.try_lock().is_ok() {
             log::info!(
                 "removing {}, left by a Ledge that was killed mid-snapshot",
                 e.path().display()
@@ -342,16 +364,16 @@ pub fn read_state(path: &Path) -> Result<StateFile, SnapshotError> {
 pub struct StagedFile {
     tmp: PathBuf,
     path: PathBuf,
+    /// Open, and so locked, until the rename.
+    _file: File,
 }
 
 impl StagedFile {
     pub fn write(path: &Path, bytes: &[u8]) -> Result<StagedFile, SnapshotError> {
         remove_stale_temps(path);
         let tmp = temp_path(path);
-        let r = File::create(&tmp).and_then(|mut f| {
-            f.write_all(bytes)?;
-            f.sync_all()
-        });
+        let mut file = create_locked(&tmp)?;
+        let r = file.write_all(bytes).and_then(|()| file.sync_all());
         if let Err(e) = r {
             let _ = std::fs::remove_file(&tmp);
             return Err(io("write", &tmp)(e));
@@ -359,6 +381,7 @@ impl StagedFile {
         Ok(StagedFile {
             tmp,
             path: path.to_path_buf(),
+            _file: file,
         })
     }
 
@@ -392,13 +415,7 @@ impl MemoryWriter {
     ) -> Result<(MemoryWriter, u64), SnapshotError> {
         remove_stale_temps(path);
         let tmp = temp_path(path);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(io("create", &tmp))?;
+        let file = create_locked(&tmp)?;
         let w = MemoryWriter {
             tmp,
             path: path.to_path_buf(),

@@ -188,3 +188,30 @@ fn memory_files_skip_untouched_and_zero_pages_and_diffs_merge() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_sweep_removes_only_temporaries_nobody_writes() {
+    let dir = std::env::temp_dir().join(format!("ledge-sweep-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let target = dir.join("vm.snap");
+    // A live writer (this process, or a jailed VMM that is also "PID 1"): its file stays.
+    let live_tmp = temp_path(&target);
+    let live = create_locked(&live_tmp).unwrap();
+    // A dead writer's leftover: the file exists, nobody holds its lock.
+    let dead_tmp = temp_path(&target);
+    assert_ne!(live_tmp, dead_tmp, "two writers get two names");
+    drop(create_locked(&dead_tmp).unwrap());
+    // An old-style name from an earlier Ledge, also unlocked.
+    let old = dir.join(format!(".vm.snap.ledge-tmp.{}", u32::MAX));
+    std::fs::write(&old, b"x").unwrap();
+    remove_stale_temps(&target);
+    assert!(
+        live_tmp.exists(),
+        "a file under a live writer's lock was removed"
+    );
+    assert!(!dead_tmp.exists() && !old.exists(), "leftovers stayed");
+    drop(live);
+    remove_stale_temps(&target);
+    assert!(!live_tmp.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

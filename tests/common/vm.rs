@@ -397,7 +397,7 @@ impl Ledge {
         let start = Instant::now();
         loop {
             if let Some(c) = self.last_count() {
-                if n.map_or(true, |n| c > n) {
+                if n.is_none_or(|n| c > n) {
                     return c;
                 }
             }

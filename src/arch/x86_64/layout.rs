@@ -147,7 +147,7 @@ pub fn check_mem_size(mem_bytes: u64) -> Result<(), LayoutError> {
     if mem_bytes > MAX_MEM_MIB * MIB {
         return Err(LayoutError::TooLarge { mib });
     }
-    if mem_bytes % PAGE_SIZE != 0 {
+    if !mem_bytes.is_multiple_of(PAGE_SIZE) {
         return Err(LayoutError::Unaligned { bytes: mem_bytes });
     }
     Ok(())

@@ -660,7 +660,7 @@ impl Disk {
 
     /// The byte offset of `len` bytes at `sector`, if they are whole sectors inside the disk.
     fn byte_range(&self, sector: u64, len: u64) -> Option<u64> {
-        if len % SECTOR_SIZE != 0 {
+        if !len.is_multiple_of(SECTOR_SIZE) {
             log::debug!("virtio-blk: data length {len} is not a multiple of {SECTOR_SIZE}");
             return None;
         }
