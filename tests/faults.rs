@@ -77,10 +77,7 @@ fn kill_9_a_hundred_times_loses_no_acknowledged_record() {
     let dir = common::scratch("kill-loop");
     let disk = dir.join("log.img");
     // 4 MiB: 8192 sectors, far more records than one run writes.
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(4 << 20)
-        .unwrap();
+    image(&disk, 4 << 20);
     let seed = 0x6b11_u64 ^ u64::from(std::process::id()) << 16 | 1;
     println!("[kill-loop] KVM {}: seed {seed:#x}", common::kvm_kind());
     let mut rng = Rng(seed);

@@ -72,6 +72,45 @@ fn status_kib(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Requests refused with 400: (what, method, path, body, a word the fault message must hold).
+type Refused = (
+    &'static str,
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+    &'static str,
+);
+const REFUSED: [Refused; 4] = [
+    (
+        "PUT /machine-config after boot",
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 2, "mem_size_mib": 128}"#),
+        "is not allowed while the VM is",
+    ),
+    (
+        "PATCH /vm with broken JSON",
+        "PATCH",
+        "/vm",
+        Some(r#"{"state": "#),
+        "not valid JSON",
+    ),
+    (
+        "GET of an unknown path",
+        "GET",
+        "/no/such/thing",
+        None,
+        "/no/such/thing",
+    ),
+    (
+        "PUT /drives with a wrong type",
+        "PUT",
+        "/drives/log",
+        Some(r#"{"drive_id": 7}"#),
+        "expected a string",
+    ),
+];
+
 /// Checks one answered request; a description of what was wrong, if anything.
 fn check(what: &str, out: Outcome, want: u16, needle: &str) -> Result<Resp, String> {
     match out {
@@ -170,24 +209,10 @@ fn client(
                     }
                 }
             }
-            750..=799 => {
-                let out = c.send("PUT", "/machine-config", Some(r#"{"vcpu_count": 2}"#));
-                check("PUT /machine-config after boot", out, 400, "")?;
-                tally.refused_ok.fetch_add(1, Ordering::Relaxed);
-            }
-            800..=849 => {
-                let out = c.send("PATCH", "/vm", Some(r#"{"state": "#));
-                check("PATCH /vm with broken JSON", out, 400, "")?;
-                tally.refused_ok.fetch_add(1, Ordering::Relaxed);
-            }
-            850..=899 => {
-                let out = c.send("GET", "/no/such/thing", None);
-                check("GET of an unknown path", out, 400, "/no/such/thing")?;
-                tally.refused_ok.fetch_add(1, Ordering::Relaxed);
-            }
-            900..=969 => {
-                let out = c.send("PUT", "/drives/log", Some(r#"{"drive_id": 7}"#));
-                check("PUT /drives with a wrong type", out, 400, "")?;
+            r @ 750..=969 => {
+                // Requests the API must refuse with a 400 naming the problem.
+                let (what, method, path, body, needle) = REFUSED[(r as usize - 750) / 55];
+                check(what, c.send(method, path, body), 400, needle)?;
                 tally.refused_ok.fetch_add(1, Ordering::Relaxed);
             }
             970..=979 => {
@@ -227,10 +252,7 @@ fn a_thousand_clients_for_a_minute() {
     }
     let dir = common::scratch("load");
     let disk = dir.join("log.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
+    image(&disk, 8 << 20);
     let cfg: PathBuf = dir.join("vm.json");
     std::fs::write(
         &cfg,
