@@ -14,12 +14,11 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::probe_io::{ip, is_root};
-use common::vm::{collect, get, ok, Ledge, EXIT_LIMIT, START_LIMIT};
-use common::{ledge_bin, require_kvm, run, scratch};
+use common::probe_io::{ip, is_root, require_root};
+use common::vm::{get, ok, Ledge, EXIT_LIMIT, START_LIMIT};
+use common::{ledge_bin, require_kvm, run, scratch, wait_until};
 
 const UID: u32 = 40000;
 const GID: u32 = 40001;
@@ -28,11 +27,42 @@ const LIMIT: Duration = Duration::from_secs(60);
 const LEAKED_FD: i32 = 57;
 
 fn need_root(test: &str) -> bool {
-    if is_root() {
-        return true;
+    require_root(
+        test,
+        "ledge jail needs root (namespaces, device nodes, cgroups)",
+    )
+}
+
+/// For a test that runs a jailed VM, past the root and KVM gates (None: skipped): its scratch
+/// directory `jail-TAG`, the jails' --root-base in it, and a jail id `t<pid>-TAG` no other test
+/// run uses.
+fn jail_test(test: &str, tag: &str) -> Option<(PathBuf, PathBuf, String)> {
+    if !need_root(test) || !require_kvm(test) {
+        return None;
     }
-    println!("[{test}] SKIPPED: ledge jail needs root (namespaces, device nodes, cgroups)");
-    false
+    let dir = scratch(&format!("jail-{tag}"));
+    let base = dir.join("base");
+    Some((dir, base, format!("t{}-{tag}", std::process::id())))
+}
+
+/// `jail --id ID --root-base BASE --uid UID --gid GID JAIL... -- VMM...`
+fn jail_args(base: &Path, id: &str, jail: &[&str], vmm: &[&str]) -> Vec<String> {
+    let (u, g) = (UID.to_string(), GID.to_string());
+    let mut v = vec![
+        "jail",
+        "--id",
+        id,
+        "--root-base",
+        base.to_str().unwrap(),
+        "--uid",
+        &u,
+        "--gid",
+        &g,
+    ];
+    v.extend_from_slice(jail);
+    v.push("--");
+    v.extend_from_slice(vmm);
+    v.into_iter().map(String::from).collect()
 }
 
 /// True when cgroup v2 at /sys/fs/cgroup has the controllers (the jail then uses v2).
@@ -75,12 +105,12 @@ fn tidy_parent_cgroup() {
     }
 }
 
-/// `ledge jail ARGS`, with `LEAKED_FD` open in the jailer without close-on-exec.
-fn spawn_jail(args: &[&str], leak: &Path) -> Ledge {
+/// `ledge jail` (see `jail_args`), with `LEAKED_FD` open in the jailer without close-on-exec.
+fn spawn_jail(base: &Path, id: &str, jail: &[&str], vmm: &[&str], leak: &Path) -> Ledge {
     let leak = fs::File::open(leak).unwrap();
     let leak_fd = leak.as_raw_fd();
     let mut cmd = Command::new(ledge_bin());
-    cmd.args(args)
+    cmd.args(jail_args(base, id, jail, vmm))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -94,22 +124,9 @@ fn spawn_jail(args: &[&str], leak: &Path) -> Ledge {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().expect("spawn ledge jail");
+    let child = cmd.spawn().expect("spawn ledge jail");
     drop(leak);
-    let out = Arc::new(Mutex::new(Vec::new()));
-    let err = Arc::new(Mutex::new(Vec::new()));
-    let readers = vec![
-        collect(child.stdout.take().unwrap(), out.clone()),
-        collect(child.stderr.take().unwrap(), err.clone()),
-    ];
-    Ledge {
-        child,
-        out,
-        err,
-        readers,
-        status: None,
-        stdin: None,
-    }
+    Ledge::adopt(child)
 }
 
 /// The VMM's host PID, once the jailer wrote it.
@@ -235,29 +252,19 @@ fn read_trim(p: &Path) -> String {
 #[test]
 fn jail_confines_the_vmm_and_the_vm_still_runs() {
     let test = "jail_confines_the_vmm_and_the_vm_still_runs";
-    if !need_root(test) || !require_kvm(test) {
+    let Some((dir, base, id)) = jail_test(test, "confine") else {
         return;
-    }
-    let dir = scratch("jail-confine");
-    let base = dir.join("base");
+    };
     let probe = dir.join("probe.elf");
     let o = common::ledge(&["export-probe", probe.to_str().unwrap()], LIMIT);
     assert_eq!(o.code, Some(0), "{}", o.stderr);
     let leak = dir.join("leaked-into-the-jailer");
     fs::write(&leak, "x").unwrap();
-    let id = format!("t{}-confine", std::process::id());
     let file = format!("{}:/k/probe.elf", probe.display());
     let mut l = spawn_jail(
+        &base,
+        &id,
         &[
-            "jail",
-            "--id",
-            &id,
-            "--root-base",
-            base.to_str().unwrap(),
-            "--uid",
-            &UID.to_string(),
-            "--gid",
-            &GID.to_string(),
             "--parent-cgroup",
             parent_cgroup(),
             "--cgroup",
@@ -270,7 +277,8 @@ fn jail_confines_the_vmm_and_the_vm_still_runs() {
             "nofile=512",
             "--file",
             &file,
-            "--",
+        ],
+        &[
             "--id",
             "jailed-vm",
             "run",
@@ -471,9 +479,9 @@ impl Drop for Netns {
 #[test]
 fn jail_joins_a_given_network_namespace() {
     let test = "jail_joins_a_given_network_namespace";
-    if !need_root(test) || !require_kvm(test) {
+    let Some((dir, base, id)) = jail_test(test, "netns") else {
         return;
-    }
+    };
     let name = format!("ledge-jt-{}", std::process::id());
     let _ = ip(&["netns", "del", &name]);
     assert!(ip(&["netns", "add", &name]), "ip netns add {name}");
@@ -497,26 +505,13 @@ fn jail_joins_a_given_network_namespace() {
         ]),
         "ip tuntap add in {name}"
     );
-    let dir = scratch("jail-netns");
-    let base = dir.join("base");
-    let id = format!("t{}-netns", std::process::id());
     let leak = dir.join("unused");
     fs::write(&leak, "").unwrap();
     let mut l = spawn_jail(
+        &base,
+        &id,
+        &["--netns", ns_path.to_str().unwrap(), "--no-cgroup"],
         &[
-            "jail",
-            "--id",
-            &id,
-            "--root-base",
-            base.to_str().unwrap(),
-            "--uid",
-            &UID.to_string(),
-            "--gid",
-            &GID.to_string(),
-            "--netns",
-            ns_path.to_str().unwrap(),
-            "--no-cgroup",
-            "--",
             "run",
             "--cmdline",
             "probe=count",
@@ -560,32 +555,10 @@ fn jail_joins_a_given_network_namespace() {
 #[test]
 fn jail_forwards_the_vmm_failure_and_cleans_up() {
     let test = "jail_forwards_the_vmm_failure_and_cleans_up";
-    if !need_root(test) || !require_kvm(test) {
+    let Some((dir, base, id)) = jail_test(test, "fail") else {
         return;
-    }
-    let dir = scratch("jail-fail");
-    let base = dir.join("base");
-    let id = format!("t{}-fail", std::process::id());
-    let o = common::ledge(
-        &[
-            "jail",
-            "--id",
-            &id,
-            "--root-base",
-            base.to_str().unwrap(),
-            "--uid",
-            &UID.to_string(),
-            "--gid",
-            &GID.to_string(),
-            "--parent-cgroup",
-            parent_cgroup(),
-            "--",
-            "run",
-            "--kernel",
-            "/not/in/the/jail",
-        ],
-        LIMIT,
-    );
+    };
+    let o = jail_to_end(&base, &id, &[], &["run", "--kernel", "/not/in/the/jail"]);
     // The VMM's own one-line error, its exit status passed on.
     o.assert_clean_error("/not/in/the/jail");
     assert!(
@@ -728,38 +701,22 @@ fn jail_bad_options_get_one_line_errors() {
 #[test]
 fn jailer_sigkill_takes_the_vmm_with_it() {
     let test = "jailer_sigkill_takes_the_vmm_with_it";
-    if !need_root(test) || !require_kvm(test) {
+    let Some((dir, base, id)) = jail_test(test, "kill") else {
         return;
-    }
-    let dir = scratch("jail-kill");
-    let base = dir.join("base");
-    let id = format!("t{}-kill", std::process::id());
+    };
     let leak = dir.join("unused");
     fs::write(&leak, "").unwrap();
     let mut l = spawn_jail(
-        &[
-            "jail",
-            "--id",
-            &id,
-            "--root-base",
-            base.to_str().unwrap(),
-            "--uid",
-            &UID.to_string(),
-            "--gid",
-            &GID.to_string(),
-            "--no-cgroup",
-            "--",
-            "run",
-            "--cmdline",
-            "probe=count",
-        ],
+        &base,
+        &id,
+        &["--no-cgroup"],
+        &["run", "--cmdline", "probe=count"],
         &leak,
     );
     let pid = wait_vmm_pid(&mut l, &base.join(&id));
     l.wait_count_above(None, "the jailed guest runs");
     l.signal(libc::SIGKILL);
     l.wait_exit(EXIT_LIMIT).expect("the jailer dies");
-    let start = Instant::now();
     // Gone, or a zombie waiting for whoever reaps orphans here.
     let alive = || {
         fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
@@ -767,13 +724,11 @@ fn jailer_sigkill_takes_the_vmm_with_it() {
                 .is_some_and(|(_, r)| !r.starts_with('Z'))
         })
     };
-    while alive() {
-        assert!(
-            start.elapsed() < EXIT_LIMIT,
-            "the VMM {pid} outlived its jailer"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until(
+        EXIT_LIMIT,
+        || format!("the VMM {pid} outlived its jailer"),
+        || !alive(),
+    );
     // Killed outright, the jailer could not clean up: the directory and its /run mount stay,
     // as documented.
     let run = base.join(&id).join("root/run");
@@ -788,26 +743,15 @@ fn kv<'a>(line: &'a str, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
 }
 
-/// Runs a jail to the end (the probe stops by itself); returns its output.
+/// Runs a jail under `parent_cgroup()` to the end (the probe stops by itself); returns its
+/// output.
 fn jail_to_end(base: &Path, id: &str, jail: &[&str], vmm: &[&str]) -> common::Output {
-    let (u, g) = (UID.to_string(), GID.to_string());
-    let mut v = vec![
-        "jail",
-        "--id",
-        id,
-        "--root-base",
-        base.to_str().unwrap(),
-        "--uid",
-        &u,
-        "--gid",
-        &g,
-        "--parent-cgroup",
-        parent_cgroup(),
-    ];
-    v.extend_from_slice(jail);
-    v.push("--");
-    v.extend_from_slice(vmm);
-    common::ledge(&v, LIMIT)
+    let mut opts = vec!["--parent-cgroup", parent_cgroup()];
+    opts.extend_from_slice(jail);
+    run(
+        Command::new(ledge_bin()).args(jail_args(base, id, &opts, vmm)),
+        LIMIT,
+    )
 }
 
 /// Files given with --file: a writable disk (:rw) the guest writes, a read-only one it
@@ -816,11 +760,9 @@ fn jail_to_end(base: &Path, id: &str, jail: &[&str], vmm: &[&str]) -> common::Ou
 #[test]
 fn jail_files_devices_and_limits_work_inside() {
     let test = "jail_files_devices_and_limits_work_inside";
-    if !need_root(test) || !require_kvm(test) {
+    let Some((dir, base, id)) = jail_test(test, "files") else {
         return;
-    }
-    let dir = scratch("jail-files");
-    let base = dir.join("base");
+    };
     let (rw, ro) = (dir.join("rw.img"), dir.join("ro.img"));
     for f in [&rw, &ro] {
         fs::write(f, vec![0x5au8; 1 << 20]).unwrap();
@@ -831,7 +773,6 @@ fn jail_files_devices_and_limits_work_inside() {
     let ro_before = fs::read(&ro).unwrap();
     let rw_file = format!("{}:/disks/rw.img:rw", rw.display());
     let ro_file = format!("{}:/disks/ro.img", ro.display());
-    let id = format!("t{}-files", std::process::id());
     let out = jail_to_end(
         &base,
         &id,
@@ -901,12 +842,9 @@ fn jail_files_devices_and_limits_work_inside() {
 #[test]
 fn jail_daemonize_returns_once_the_vmm_runs() {
     let test = "jail_daemonize_returns_once_the_vmm_runs";
-    if !need_root(test) || !require_kvm(test) {
+    let Some((dir, base, id)) = jail_test(test, "daemon") else {
         return;
-    }
-    let dir = scratch("jail-daemon");
-    let base = dir.join("base");
-    let id = format!("t{}-daemon", std::process::id());
+    };
     let out = jail_to_end(
         &base,
         &id,
@@ -936,35 +874,29 @@ fn jail_daemonize_returns_once_the_vmm_runs() {
     let ppid = stat.rsplit_once(") ").unwrap().1.split(' ').nth(1).unwrap();
     assert_eq!(ppid, sup.to_string());
     let sock = jail_dir.join("root/run/api.sock");
-    let start = Instant::now();
-    while !sock.exists() {
-        assert!(start.elapsed() < START_LIMIT, "no {}", sock.display());
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until(
+        START_LIMIT,
+        || format!("no {}", sock.display()),
+        || sock.exists(),
+    );
     assert_eq!(get(&sock, "/")["state"], "Running");
     let console = jail_dir.join("root/run/console.log");
-    let start = Instant::now();
-    while !fs::read_to_string(&console)
-        .unwrap_or_default()
-        .contains("count: 1\n")
-    {
-        assert!(
-            start.elapsed() < START_LIMIT,
-            "no count in {}",
-            console.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        START_LIMIT,
+        || format!("no count in {}", console.display()),
+        || {
+            fs::read_to_string(&console)
+                .unwrap_or_default()
+                .contains("count: 1\n")
+        },
+    );
     // SAFETY: kill(2) on the supervisor this test started; no memory is involved.
     assert_eq!(unsafe { libc::kill(sup, libc::SIGTERM) }, 0);
-    let start = Instant::now();
-    while jail_dir.exists() {
-        assert!(
-            start.elapsed() < EXIT_LIMIT,
-            "the supervisor did not clean up after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        EXIT_LIMIT,
+        || "the supervisor did not clean up after SIGTERM".into(),
+        || !jail_dir.exists(),
+    );
     // The supervisor reaped it before cleaning up.
     assert!(!Path::new(&format!("/proc/{vmm}")).exists());
     tidy_parent_cgroup();

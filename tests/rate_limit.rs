@@ -19,8 +19,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::probe_io::*;
-use common::vm::{call, field, get, image, Ledge};
-use common::{ledge, require_kvm, scratch, Guest};
+use common::vm::{bad, field, get, image, ok, Ledge};
+use common::{ledge, require_kvm, scratch, wait_until};
 
 const MIB: f64 = (1 << 20) as f64;
 const LIMIT: Duration = Duration::from_secs(180);
@@ -54,6 +54,17 @@ fn blk_rate(line: &str, hz: f64, burst: u64) -> f64 {
     bytes.saturating_sub(burst) as f64 / MIB / secs
 }
 
+/// For a blk test, past the KVM gate (None: skipped): its scratch directory, a disk image of
+/// `bytes` in it, and the host TSC rate.
+fn blk_test(test: &str, bytes: u64) -> Option<(std::path::PathBuf, String, f64)> {
+    if !require_kvm(test) {
+        return None;
+    }
+    let dir = scratch(test);
+    let img = image(&dir.join("d.img"), bytes);
+    Some((dir, img, tsc_hz()))
+}
+
 fn within(rate: f64, want: f64, what: &str) {
     let err = (rate - want) / want;
     println!(
@@ -66,7 +77,21 @@ fn within(rate: f64, want: f64, what: &str) {
     );
 }
 
-fn one_blk_line(out: &common::Output) -> String {
+/// Runs the probe's blk scenario (`cmdline`) on one disk (`disk`, the --disk value) to the
+/// end; returns its one `blk: dev=0` line.
+fn blk_run(disk: &str, cmdline: &str) -> String {
+    let out = ledge(
+        &[
+            "run",
+            "--console",
+            "stdio",
+            "--disk",
+            disk,
+            "--cmdline",
+            cmdline,
+        ],
+        LIMIT,
+    );
     assert_eq!(
         out.code,
         Some(0),
@@ -84,26 +109,11 @@ fn one_blk_line(out: &common::Output) -> String {
 #[test]
 fn blk_bandwidth_limit_holds_within_ten_percent() {
     let test = "blk_bandwidth_limit_holds_within_ten_percent";
-    if !require_kvm(test) {
+    let Some((dir, img, hz)) = blk_test(test, 24 << 20) else {
         return;
-    }
-    let dir = scratch(test);
-    let img = image(&dir.join("d.img"), 24 << 20);
-    let hz = tsc_hz();
+    };
 
-    let free = ledge(
-        &[
-            "run",
-            "--console",
-            "stdio",
-            "--disk",
-            &format!("path={img}"),
-            "--cmdline",
-            "probe=blk",
-        ],
-        LIMIT,
-    );
-    let free_rate = blk_rate(&one_blk_line(&free), hz, 0);
+    let free_rate = blk_rate(&blk_run(&format!("path={img}"), "probe=blk"), hz, 0);
     println!("unlimited: {free_rate:.1} MiB/s");
     assert!(
         free_rate > 20.0,
@@ -111,20 +121,11 @@ fn blk_bandwidth_limit_holds_within_ten_percent() {
     );
 
     let t0 = Instant::now();
-    let limited = ledge(
-        &[
-            "run",
-            "--console",
-            "stdio",
-            "--disk",
-            &format!("path={img},bw-size=2MiB,bw-refill-ms=200"),
-            "--cmdline",
-            "probe=blk blk_seed=3",
-        ],
-        LIMIT,
+    let l = blk_run(
+        &format!("path={img},bw-size=2MiB,bw-refill-ms=200"),
+        "probe=blk blk_seed=3",
     );
     let wall = t0.elapsed();
-    let l = one_blk_line(&limited);
     assert_eq!(field(&l, "bytes="), 48 << 20, "{l}");
     println!("limited run: {wall:?} wall clock for the whole process");
     within(
@@ -139,26 +140,14 @@ fn blk_bandwidth_limit_holds_within_ten_percent() {
 #[test]
 fn blk_ops_limit_holds_within_ten_percent() {
     let test = "blk_ops_limit_holds_within_ten_percent";
-    if !require_kvm(test) {
+    let Some((dir, img, hz)) = blk_test(test, 96 << 20) else {
         return;
-    }
-    let dir = scratch(test);
-    let img = image(&dir.join("d.img"), 96 << 20);
-    let hz = tsc_hz();
+    };
     // 40 ops per 200 ms; the first 40 requests (10 MiB) are the initial bucket.
-    let out = ledge(
-        &[
-            "run",
-            "--console",
-            "stdio",
-            "--disk",
-            &format!("path={img},ops-size=40,ops-refill-ms=200"),
-            "--cmdline",
-            "probe=blk",
-        ],
-        LIMIT,
+    let l = blk_run(
+        &format!("path={img},ops-size=40,ops-refill-ms=200"),
+        "probe=blk",
     );
-    let l = one_blk_line(&out);
     // GET_ID and FLUSH are operations too, 2 of ~770: negligible.
     within(
         blk_rate(&l, hz, 40 * (256 << 10)),
@@ -175,13 +164,10 @@ fn blk_ops_limit_holds_within_ten_percent() {
 #[test]
 fn patch_changes_the_limit_of_a_running_disk() {
     let test = "patch_changes_the_limit_of_a_running_disk";
-    if !require_kvm(test) {
+    let Some((dir, img, hz)) = blk_test(test, 16 << 20) else {
         return;
-    }
-    let dir = scratch(test);
-    let img = image(&dir.join("d.img"), 16 << 20);
+    };
     let sock = dir.join("api.sock");
-    let hz = tsc_hz();
     let mut vm = Ledge::spawn(&[
         "run",
         "--api-sock",
@@ -200,63 +186,50 @@ fn patch_changes_the_limit_of_a_running_disk() {
         serde_json::json!({"bandwidth": {"size": 2 << 20, "refill_time": 200}})
     );
 
-    let rounds = |vm: &mut Ledge, n: usize| -> Vec<String> {
-        let start = Instant::now();
-        loop {
-            let l = vm.lines_with("blk: dev=0");
-            if l.len() >= n {
-                return l;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(120),
-                "round {n} did not finish:\n{}",
-                vm.diag()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    };
-    let patch = |body: &str| {
-        let r = call(&sock, "PATCH", "/drives/data", Some(body));
-        assert_eq!(
-            r.status, 204,
-            "PATCH /drives/data {body}: {} {}",
-            r.status, r.body
+    let rounds = |vm: &Ledge, n: usize| -> Vec<String> {
+        let mut l = Vec::new();
+        wait_until(
+            Duration::from_secs(120),
+            || format!("round {n} did not finish:\n{}", vm.diag()),
+            || {
+                l = vm.lines_with("blk: dev=0");
+                l.len() >= n
+            },
         );
+        l
     };
+    let patch = |body: &str| ok(&sock, "PATCH", "/drives/data", body);
 
-    let r1 = rounds(&mut vm, 1);
+    let r1 = rounds(&vm, 1);
     patch(r#"{"drive_id":"data","rate_limiter":{"bandwidth":{"size":4194304,"refill_time":200}}}"#);
     assert_eq!(
         drive(&sock)["rate_limiter"]["bandwidth"]["size"],
         4 << 20,
         "the config shows the new limit"
     );
-    let r3 = rounds(&mut vm, 3);
+    let r3 = rounds(&vm, 3);
     // Nonsense is refused and changes nothing.
-    let bad = call(
+    bad(
         &sock,
         "PATCH",
         "/drives/data",
-        Some(
-            r#"{"drive_id":"data","rate_limiter":{"ops":{"size":0,"refill_time":1,"one_time_burst":9}}}"#,
-        ),
+        r#"{"drive_id":"data","rate_limiter":{"ops":{"size":0,"refill_time":1,"one_time_burst":9}}}"#,
+        &["one_time_burst"],
     );
-    assert_eq!(bad.status, 400, "{}", bad.body);
-    assert!(bad.fault().contains("one_time_burst"), "{}", bad.fault());
-    let bad = call(
+    bad(
         &sock,
         "PATCH",
         "/drives/data",
-        Some(r#"{"drive_id":"data","path_on_host":"/elsewhere.img"}"#),
+        r#"{"drive_id":"data","path_on_host":"/elsewhere.img"}"#,
+        &[],
     );
-    assert_eq!(bad.status, 400, "{}", bad.body);
     patch(r#"{"drive_id":"data","rate_limiter":{"bandwidth":{"size":0,"refill_time":0}}}"#);
     assert!(
         drive(&sock)["rate_limiter"].is_null(),
         "no limit left: {}",
         drive(&sock)
     );
-    let all = rounds(&mut vm, 7);
+    let all = rounds(&vm, 7);
     assert!(
         vm.wait_exit(Duration::from_secs(60)).is_some(),
         "the probe stops after its rounds:\n{}",
@@ -282,19 +255,16 @@ fn patch_changes_the_limit_of_a_running_disk() {
 #[test]
 fn net_rx_and_tx_limits_hold_within_ten_percent() {
     let test = "net_rx_and_tx_limits_hold_within_ten_percent";
-    if !require_kvm(test) {
-        return;
-    }
-    if !is_root() {
-        println!("[{test}] SKIPPED: needs root to create a TAP interface and an AF_PACKET socket");
+    if !require_kvm(test)
+        || !require_root(
+            test,
+            "needs root to create a TAP interface and an AF_PACKET socket",
+        )
+    {
         return;
     }
     let tap = Tap::create(&format!("lrl{}", std::process::id() % 1_000_000));
-    let mac = GUEST_MAC
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":");
+    let mac = guest_mac();
     // (extra --net keys, frames, expected MiB/s or None for unlimited)
     const BUCKET: u64 = 64 << 10;
     let cases: [(&str, u32, Option<f64>); 3] = [
@@ -305,18 +275,7 @@ fn net_rx_and_tx_limits_hold_within_ten_percent() {
     let mut free = 0.0;
     for (keys, frames, want) in cases {
         let net = format!("tap={},mac={mac}{keys}", tap.0);
-        let mut guest = Guest::spawn(&[
-            "run",
-            "--console",
-            "stdio",
-            "--net",
-            &net,
-            "--cmdline",
-            "probe=net-echo net_frames=100000000",
-        ]);
-        let ready = guest
-            .wait_line(&["net: dev=0", "net: error="], Duration::from_secs(60))
-            .unwrap_or_else(|| panic!("the guest never said it was ready: {:?}", guest.seen));
+        let (mut guest, ready) = spawn_net_echo(&net);
         assert!(ready.ends_with(" ready"), "{ready}");
         let sock = RawSocket::bind(&tap.0);
         let t0 = Instant::now();
@@ -376,28 +335,18 @@ fn a_restored_vm_keeps_its_patched_limits() {
     vm.wait_accepting(&sock);
     vm.wait_count_above(Some(2), "before the PATCH");
     let patch = r#"{"drive_id":"log","rate_limiter":{"ops":{"size":1,"refill_time":1000}}}"#;
-    let r = call(&sock, "PATCH", "/drives/log", Some(patch));
-    assert_eq!(r.status, 204, "{}", r.body);
+    ok(&sock, "PATCH", "/drives/log", patch);
     let want = serde_json::json!({
         "bandwidth": {"size": 64 << 20, "refill_time": 1000},
         "ops": {"size": 1, "refill_time": 1000}
     });
     assert_eq!(get(&sock, "/vm/config")["drives"][0]["rate_limiter"], want);
-    let body = |v: serde_json::Value| v.to_string();
-    let ok = |sock: &Path, method: &str, path: &str, b: String| {
-        let r = call(sock, method, path, Some(&b));
-        assert_eq!(
-            r.status, 204,
-            "{method} {path} {b}: {} {}",
-            r.status, r.body
-        );
-    };
-    ok(&sock, "PATCH", "/vm", r#"{"state":"Paused"}"#.into());
+    ok(&sock, "PATCH", "/vm", r#"{"state":"Paused"}"#);
     ok(
         &sock,
         "PUT",
         "/snapshot/create",
-        body(serde_json::json!({"snapshot_path": snap, "mem_file_path": mem})),
+        &serde_json::json!({"snapshot_path": snap, "mem_file_path": mem}).to_string(),
     );
     vm.signal(libc::SIGKILL);
     vm.wait_exit(Duration::from_secs(30)).expect("SIGKILL");
@@ -407,11 +356,12 @@ fn a_restored_vm_keeps_its_patched_limits() {
         &sock2,
         "PUT",
         "/snapshot/load",
-        body(serde_json::json!({
+        &serde_json::json!({
             "snapshot_path": snap,
             "mem_backend": {"backend_type": "File", "backend_path": mem},
             "resume_vm": true,
-        })),
+        })
+        .to_string(),
     );
     assert_eq!(
         get(&sock2, "/vm/config")["drives"][0]["rate_limiter"],
@@ -422,7 +372,7 @@ fn a_restored_vm_keeps_its_patched_limits() {
         &sock2,
         "PUT",
         "/metrics",
-        body(serde_json::json!({"metrics_path": metrics})),
+        &serde_json::json!({"metrics_path": metrics}).to_string(),
     );
     let c = vm2.wait_count_above(None, "after the restore");
     vm2.wait_count_above(Some(c + 2), "after the restore");
@@ -430,7 +380,7 @@ fn a_restored_vm_keeps_its_patched_limits() {
         &sock2,
         "PUT",
         "/actions",
-        r#"{"action_type":"FlushMetrics"}"#.into(),
+        r#"{"action_type":"FlushMetrics"}"#,
     );
     let text = std::fs::read_to_string(&metrics).unwrap();
     let rec: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();

@@ -305,6 +305,18 @@ fn threads_of_a_running_vm(test: &str, api: bool, extra: &[&str]) -> BTreeMap<St
     threads
 }
 
+/// `threads_of_a_running_vm`, checked with `expect_threads`.
+fn expect_running_vm_threads(
+    test: &str,
+    api: bool,
+    extra: &[&str],
+    names: &[&str],
+    want: (u32, u32),
+) {
+    let t = threads_of_a_running_vm(test, api, extra);
+    expect_threads(&t, names, want, test);
+}
+
 fn expect_threads(
     threads: &BTreeMap<String, (u32, u32)>,
     names: &[&str],
@@ -325,12 +337,10 @@ fn every_thread_of_a_running_vm_is_filtered() {
         return;
     }
     // The main thread is the VMM thread here; kvm-prewarm has ended.
-    let t = threads_of_a_running_vm(test, true, &[]);
-    expect_threads(&t, &["api", "ledge", "vcpu0", "vcpu1"], (2, 1), test);
-    let t = threads_of_a_running_vm(test, false, &[]);
-    expect_threads(&t, &["ledge", "vcpu0", "vcpu1"], (2, 1), test);
-    let t = threads_of_a_running_vm(test, true, &["--seccomp", "log"]);
-    expect_threads(&t, &["api", "ledge", "vcpu0", "vcpu1"], (2, 1), test);
+    let all = ["api", "ledge", "vcpu0", "vcpu1"];
+    expect_running_vm_threads(test, true, &[], &all, (2, 1));
+    expect_running_vm_threads(test, false, &[], &all[1..], (2, 1));
+    expect_running_vm_threads(test, true, &["--seccomp", "log"], &all, (2, 1));
 }
 
 #[test]
@@ -340,17 +350,8 @@ fn a_restored_vm_is_filtered_too() {
         return;
     }
     // The format-1 fixture of tests/snapshot.rs: a counting probe guest with one vCPU.
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/snapshot-v1");
     let dir = common::scratch(test);
-    let mem = dir.join("vm.mem");
-    let unpacked = Command::new("gzip")
-        .arg("-dc")
-        .arg(fixture.join("vm.mem.gz"))
-        .stdout(std::fs::File::create(&mem).unwrap())
-        .status()
-        .expect("gzip");
-    assert!(unpacked.success());
-    let snap = fixture.join("vm.snap");
+    let (snap, mem) = common::snapshot_v1_fixture(&dir);
     let (snap, mem) = (snap.to_str().unwrap(), mem.to_str().unwrap());
     let t = threads_of(test, &["restore", "--snapshot", snap, "--mem", mem], None);
     expect_threads(&t, &["ledge", "vcpu0"], (2, 1), test);
@@ -375,8 +376,8 @@ fn no_seccomp_leaves_every_thread_unfiltered() {
     if !common::require_kvm(test) {
         return;
     }
-    let t = threads_of_a_running_vm(test, true, &["--no-seccomp"]);
-    expect_threads(&t, &["api", "ledge", "vcpu0", "vcpu1"], (0, 0), test);
+    let all = ["api", "ledge", "vcpu0", "vcpu1"];
+    expect_running_vm_threads(test, true, &["--no-seccomp"], &all, (0, 0));
 }
 
 #[test]
@@ -393,17 +394,15 @@ fn the_library_filters_its_own_threads_by_default() {
     assert_eq!(cfg.seccomp, SeccompLevel::Kill, "the library's default");
     let vm = ledge::controller::VmmHandle::spawn("seccomp-lib", cfg, None).expect("spawn");
     vm.start().expect("start");
-    let start = Instant::now();
-    while !std::fs::read_to_string(&console)
-        .unwrap_or_default()
-        .contains("count: 1")
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "[{test}] no count"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_until(
+        Duration::from_secs(60),
+        || format!("[{test}] no count"),
+        || {
+            std::fs::read_to_string(&console)
+                .unwrap_or_default()
+                .contains("count: 1")
+        },
+    );
     let threads = seccomp_of_threads(std::process::id());
     println!("[{test}] {threads:?}");
     assert_eq!(threads.get("vmm"), Some(&(2, 1)), "[{test}] the vmm thread");

@@ -120,6 +120,32 @@ pub fn scratch(name: &str) -> PathBuf {
     d
 }
 
+/// Polls `done` until it holds; fails the test with `what()` when it does not within `limit`.
+pub fn wait_until(limit: Duration, what: impl FnOnce() -> String, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        if start.elapsed() >= limit {
+            panic!("{}", what());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The format-1 snapshot fixture (tests/fixtures/snapshot-v1, a counting probe guest with one
+/// vCPU): its state file, and its memory file unpacked into `dir`.
+pub fn snapshot_v1_fixture(dir: &Path) -> (PathBuf, PathBuf) {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/snapshot-v1");
+    let mem = dir.join("vm.mem");
+    let unpacked = Command::new("gzip")
+        .arg("-dc")
+        .arg(fixture.join("vm.mem.gz"))
+        .stdout(std::fs::File::create(&mem).unwrap())
+        .status()
+        .expect("gzip");
+    assert!(unpacked.success());
+    (fixture.join("vm.snap"), mem)
+}
+
 /// Where tools/build-guest.sh put the Linux guest: $LEDGE_GUEST_DIR or ~/.cache/ledge/guest.
 pub fn guest_dir() -> PathBuf {
     match std::env::var_os("LEDGE_GUEST_DIR") {

@@ -47,6 +47,42 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// True when running as root; otherwise prints that `test` skipped, and why, and returns false.
+pub fn require_root(test: &str, why: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    println!("[{test}] SKIPPED: {why}");
+    false
+}
+
+/// GUEST_MAC as `--net mac=` takes it (02:4c:...).
+pub fn guest_mac() -> String {
+    GUEST_MAC
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// `ledge run` with the probe's net-echo scenario on one `--net NET` card, once the guest says
+/// its card is ready (or that it failed): the guest, and that line.
+pub fn spawn_net_echo(net: &str) -> (super::Guest, String) {
+    let mut guest = super::Guest::spawn(&[
+        "run",
+        "--console",
+        "stdio",
+        "--net",
+        net,
+        "--cmdline",
+        "probe=net-echo net_frames=100000000",
+    ]);
+    let ready = guest
+        .wait_line(&["net: dev=0", "net: error="], Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("the guest never said it was ready: {:?}", guest.seen));
+    (guest, ready)
+}
+
 pub fn ip(args: &[&str]) -> bool {
     Command::new("ip")
         .args(args)

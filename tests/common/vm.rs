@@ -265,13 +265,19 @@ impl Ledge {
     }
 
     fn spawn_with(args: &[&str], input: bool) -> Ledge {
-        let mut child = Command::new(super::ledge_bin())
+        let child = Command::new(super::ledge_bin())
             .args(args)
             .stdin(if input { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn ledge");
+        Ledge::adopt(child)
+    }
+
+    /// Takes over a `ledge` process spawned with stdout and stderr piped (and stdin piped
+    /// when the test sends it input): its output is collected from here on.
+    pub fn adopt(mut child: Child) -> Ledge {
         let child_stdin = child.stdin.take();
         let out = Arc::new(Mutex::new(Vec::new()));
         let err = Arc::new(Mutex::new(Vec::new()));
