@@ -714,17 +714,7 @@ fn the_first_format_still_restores() {
         return;
     }
     let _one = serial();
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/snapshot-v1");
-    let dir = common::scratch("snap-v1");
-    let mem = dir.join("vm.mem");
-    let unpacked = std::process::Command::new("gzip")
-        .arg("-dc")
-        .arg(fixture.join("vm.mem.gz"))
-        .stdout(std::fs::File::create(&mem).unwrap())
-        .status()
-        .expect("gzip");
-    assert!(unpacked.success());
-    let snap = fixture.join("vm.snap");
+    let (snap, mem) = common::snapshot_v1_fixture(&common::scratch("snap-v1"));
     let info = common::ledge(&["snapshot", "info", s(&snap)], Duration::from_secs(30));
     assert_eq!(info.code, Some(0), "{}", info.stderr);
     let v: serde_json::Value = serde_json::from_str(&info.stdout).unwrap();
