@@ -534,6 +534,49 @@ fn frame(buf: &[u8]) -> Framing {
     }
 }
 
+/// What the API thread makes of the bytes at the start of a connection's buffer: the same
+/// framing (`frame`) and routing (`route`) it runs, with no socket and no VMM. Public for the
+/// fuzz targets (fuzz/) and for tests; the server itself calls `frame` and `route` directly.
+#[derive(Debug)]
+pub enum Parsed {
+    /// Not a whole request yet; `send_continue` when the client waits for "100 Continue".
+    Partial { send_continue: bool },
+    /// One whole request of `consumed` bytes: routed to a `Request`, or the error answer.
+    Request {
+        method: String,
+        path: String,
+        routed: Result<Request, ApiError>,
+        consumed: usize,
+        close: bool,
+    },
+    /// A framing error: the server answers it and closes the connection.
+    Fatal(ApiError),
+}
+
+/// Frames and routes the first request in `buf` (see [`Parsed`]).
+pub fn parse_request(buf: &[u8]) -> Parsed {
+    match frame(buf) {
+        Framing::Partial { send_continue } => Parsed::Partial { send_continue },
+        Framing::Fatal(e) => Parsed::Fatal(e),
+        Framing::Complete {
+            request,
+            consumed,
+            close,
+        } => Parsed::Request {
+            routed: route(&request.method, &request.path, request.body.as_deref()),
+            method: request.method,
+            path: request.path,
+            consumed,
+            close,
+        },
+    }
+}
+
+/// The HTTP bytes the server sends for `reply` (`close`: with "Connection: close").
+pub fn response_bytes(reply: &Reply, close: bool) -> Vec<u8> {
+    reply_to_http(reply, close).1
+}
+
 /// The absolute path of a request target: origin form as is, absolute form without scheme and
 /// authority; query and fragment dropped.
 fn normalise_path(target: &str) -> String {
