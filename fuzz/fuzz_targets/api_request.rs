@@ -60,7 +60,7 @@ fuzz_target!(|data: &[u8]| {
                     consumed > 0 && consumed <= buf.len(),
                     "framing consumed {consumed}"
                 );
-                let reply = routed.and_then(|r| apply(&mut config, &r));
+                let reply = (*routed).and_then(|r| apply(&mut config, &r));
                 let _ = config.validate();
                 let _ = response_bytes(&reply, close);
                 buf = &buf[consumed..];

@@ -541,11 +541,12 @@ fn frame(buf: &[u8]) -> Framing {
 pub enum Parsed {
     /// Not a whole request yet; `send_continue` when the client waits for "100 Continue".
     Partial { send_continue: bool },
-    /// One whole request of `consumed` bytes: routed to a `Request`, or the error answer.
+    /// One whole request of `consumed` bytes: routed to a `Request`, or the error answer
+    /// (boxed: a `Request` is large, the other variants are small).
     Request {
         method: String,
         path: String,
-        routed: Result<Request, ApiError>,
+        routed: Box<Result<Request, ApiError>>,
         consumed: usize,
         close: bool,
     },
@@ -563,7 +564,11 @@ pub fn parse_request(buf: &[u8]) -> Parsed {
             consumed,
             close,
         } => Parsed::Request {
-            routed: route(&request.method, &request.path, request.body.as_deref()),
+            routed: Box::new(route(
+                &request.method,
+                &request.path,
+                request.body.as_deref(),
+            )),
             method: request.method,
             path: request.path,
             consumed,
@@ -1127,6 +1132,37 @@ mod tests {
             Request::GetVmConfig
         );
         assert_eq!(route("GET", "//", None).unwrap(), Request::GetInstanceInfo);
+    }
+
+    #[test]
+    fn parse_request_frames_then_routes() {
+        let head = b"GET /version HTTP/1.1\r\n\r\n";
+        let mut two = head.to_vec();
+        two.extend_from_slice(b"PATCH /vm HTTP/1.1\r\nContent-Length: 11\r\n\r\n{\"state\":1}");
+        let Parsed::Request {
+            routed, consumed, ..
+        } = parse_request(&two)
+        else {
+            panic!("a whole request");
+        };
+        assert_eq!(consumed, head.len());
+        assert_eq!(routed.unwrap(), Request::GetVersion);
+        let Parsed::Request { routed, close, .. } = parse_request(&two[consumed..]) else {
+            panic!("a whole request");
+        };
+        assert!(!close);
+        let e = routed.unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(e.message.contains("does not match the API"), "{e}");
+        let bytes = response_bytes(&Err(e), true);
+        assert!(bytes.starts_with(b"HTTP/1.1 400 Bad Request\r\n"));
+        assert!(matches!(
+            parse_request(b"GET / HTTP/1.1\r\n"),
+            Parsed::Partial { .. }
+        ));
+        assert!(
+            matches!(parse_request(b"\x00 / HTTP/1.1\r\n\r\n"), Parsed::Fatal(e) if e.status == 400)
+        );
     }
 
     #[test]
