@@ -32,8 +32,13 @@ cargo fuzz build -s none
 
 triple="$(rustc -vV | sed -n 's/^host: //p')"
 bin_dir="fuzz/target/$triple/release"
-work="$(mktemp -d "${TMPDIR:-/tmp}/ledge-fuzz.XXXXXX")"
+# On a tmpfs when there is one: the block target's flushes are then free.
+tmp="${TMPDIR:-/tmp}"
+[ -d /dev/shm ] && [ -w /dev/shm ] && tmp=/dev/shm
+work="$(mktemp -d "$tmp/ledge-fuzz.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
+# Image files and sockets the targets make.
+export LEDGE_FUZZ_SCRATCH="$work/scratch"
 
 failed=()
 for t in $targets; do

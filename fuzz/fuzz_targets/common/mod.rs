@@ -213,9 +213,12 @@ pub fn queue_inputs(qs: &[QueueInput], n: usize) -> Vec<QueueInput> {
         .collect()
 }
 
-/// A scratch directory for this process (a tmpfs when there is one, so fsync is free).
+/// A scratch directory for this process: under `$LEDGE_FUZZ_SCRATCH` (tools/fuzz.sh sets it
+/// and removes it), else under /dev/shm when there is one (a tmpfs, so fsync is free).
 pub fn scratch_dir() -> std::path::PathBuf {
-    let base = if std::path::Path::new("/dev/shm").is_dir() {
+    let base = if let Some(d) = std::env::var_os("LEDGE_FUZZ_SCRATCH") {
+        std::path::PathBuf::from(d)
+    } else if std::path::Path::new("/dev/shm").is_dir() {
         std::path::PathBuf::from("/dev/shm")
     } else {
         std::env::temp_dir()
