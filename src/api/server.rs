@@ -565,6 +565,54 @@ fn frame(buf: &[u8]) -> Framing {
     }
 }
 
+/// What the API thread makes of the bytes at the start of a connection's buffer: the same
+/// framing (`frame`) and routing (`route`) it runs, with no socket and no VMM. Public for the
+/// fuzz targets (fuzz/) and for tests; the server itself calls `frame` and `route` directly.
+#[derive(Debug)]
+pub enum Parsed {
+    /// Not a whole request yet; `send_continue` when the client waits for "100 Continue".
+    Partial { send_continue: bool },
+    /// One whole request of `consumed` bytes: routed to a `Request`, or the error answer
+    /// (boxed: a `Request` is large, the other variants are small).
+    Request {
+        method: String,
+        path: String,
+        routed: Box<Result<Request, ApiError>>,
+        consumed: usize,
+        close: bool,
+    },
+    /// A framing error: the server answers it and closes the connection.
+    Fatal(ApiError),
+}
+
+/// Frames and routes the first request in `buf` (see [`Parsed`]).
+pub fn parse_request(buf: &[u8]) -> Parsed {
+    match frame(buf) {
+        Framing::Partial { send_continue } => Parsed::Partial { send_continue },
+        Framing::Fatal(e) => Parsed::Fatal(e),
+        Framing::Complete {
+            request,
+            consumed,
+            close,
+        } => Parsed::Request {
+            routed: Box::new(route(
+                &request.method,
+                &request.path,
+                request.body.as_deref(),
+            )),
+            method: request.method,
+            path: request.path,
+            consumed,
+            close,
+        },
+    }
+}
+
+/// The HTTP bytes the server sends for `reply` (`close`: with "Connection: close").
+pub fn response_bytes(reply: &Reply, close: bool) -> Vec<u8> {
+    reply_to_http(reply, close).1
+}
+
 /// The absolute path of a request target: origin form as is, absolute form without scheme and
 /// authority; query and fragment dropped.
 fn normalise_path(target: &str) -> String {
@@ -1115,6 +1163,37 @@ mod tests {
             Request::GetVmConfig
         );
         assert_eq!(route("GET", "//", None).unwrap(), Request::GetInstanceInfo);
+    }
+
+    #[test]
+    fn parse_request_frames_then_routes() {
+        let head = b"GET /version HTTP/1.1\r\n\r\n";
+        let mut two = head.to_vec();
+        two.extend_from_slice(b"PATCH /vm HTTP/1.1\r\nContent-Length: 11\r\n\r\n{\"state\":1}");
+        let Parsed::Request {
+            routed, consumed, ..
+        } = parse_request(&two)
+        else {
+            panic!("a whole request");
+        };
+        assert_eq!(consumed, head.len());
+        assert_eq!(routed.unwrap(), Request::GetVersion);
+        let Parsed::Request { routed, close, .. } = parse_request(&two[consumed..]) else {
+            panic!("a whole request");
+        };
+        assert!(!close);
+        let e = routed.unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(e.message.contains("does not match the API"), "{e}");
+        let bytes = response_bytes(&Err(e), true);
+        assert!(bytes.starts_with(b"HTTP/1.1 400 Bad Request\r\n"));
+        assert!(matches!(
+            parse_request(b"GET / HTTP/1.1\r\n"),
+            Parsed::Partial { .. }
+        ));
+        assert!(
+            matches!(parse_request(b"\x00 / HTTP/1.1\r\n\r\n"), Parsed::Fatal(e) if e.status == 400)
+        );
     }
 
     #[test]
