@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole Ledge test suite, from a fresh Debian machine with root and /dev/kvm:
 # installs what it needs, builds the guest artifacts (cached), checks formatting and lints,
-# then runs every tier: unit and device tests, probe-guest tests on this /dev/kvm, and the
-# Linux-guest tests in the KVM lab (or directly on hardware KVM).
+# then runs every tier: unit and device tests, probe-guest tests on this /dev/kvm (load and
+# fault tests among them), the Linux-guest tests in the KVM lab (or directly on hardware KVM),
+# and a short run of every fuzz target (tools/fuzz.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,6 +51,12 @@ if [ "$status" -eq 0 ]; then
     status=${PIPESTATUS[0]}
     set -e
 fi
+log "fuzzing: every target in fuzz/ for ${LEDGE_FUZZ_SECONDS:-20} s on its seed corpus"
+set +e
+bash tools/fuzz.sh 2>&1 | tee target/fuzz-output.log
+fuzz_status=${PIPESTATUS[0]}
+set -e
+[ "$status" -ne 0 ] || status=$fuzz_status
 grep -E '^test result:' target/test-output.log | awk '
     { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
     END { printf "\n%d passed, %d failed\n", p, f }'

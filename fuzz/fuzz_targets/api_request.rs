@@ -19,9 +19,16 @@ fn apply(c: &mut VmConfig, r: &Request) -> Result<Response, ApiError> {
         R::PatchMachineConfig(m) => done(m.apply(c)),
         R::PutBootSource(b) => done(b.apply(c)),
         R::PutDrive(d) => done(d.apply(c)),
-        R::PatchDrive(p) => Err(p.refuse(ledge::VmState::NotStarted)),
+        // What a running VM would check (ids, rate limiter buckets), then the pre-boot refusal.
+        R::PatchDrive(p) => {
+            let _ = p.check(c);
+            Err(p.refuse_before_boot())
+        }
         R::PutNetworkInterface(n) => done(n.apply(c)),
-        R::PatchNetworkInterface(p) => Err(p.refuse(ledge::VmState::NotStarted)),
+        R::PatchNetworkInterface(p) => {
+            let _ = p.check(c);
+            Err(p.refuse_before_boot())
+        }
         R::PutVsock(v) => done(v.apply(c)),
         R::PutEntropy(e) => done(e.apply(c)),
         R::PutBalloon(b) => done(b.apply(c)),

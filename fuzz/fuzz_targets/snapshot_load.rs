@@ -84,6 +84,7 @@ fn device_for(state: &DeviceSnapshot, f: &Fixture, cfg: &ledge::VmConfig) -> Opt
                 read_only: *read_only,
                 id: None,
                 root: false,
+                rate_limiter: None,
             };
             Arc::new(Mutex::new(Block::new(&c, 0).ok()?))
         }

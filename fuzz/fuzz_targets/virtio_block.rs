@@ -8,6 +8,7 @@ use arbitrary::Arbitrary;
 use ledge::config::DiskConfig;
 use ledge::devices::virtio::block::{Block, QUEUE_SIZE, SECTOR_SIZE};
 use ledge::devices::virtio::VirtioDevice;
+use ledge::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
 use libfuzzer_sys::fuzz_target;
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -22,6 +23,9 @@ struct Input {
     /// Drive id (GET_ID); may be too long, which `Block::new` must refuse.
     id: Option<String>,
     acked_features: u64,
+    /// A rate limiter (bandwidth bytes per refill, ops per refill, refill ms): small buckets
+    /// throttle mid-queue, so chains go back to the available ring.
+    limiter: Option<(u32, u16, u16)>,
     rounds: u8,
     data: Vec<u8>,
 }
@@ -42,6 +46,10 @@ fuzz_target!(|input: Input| {
         read_only: input.read_only,
         id: input.id.clone(),
         root: false,
+        rate_limiter: input.limiter.map(|(bytes, ops, ms)| RateLimiterConfig {
+            bandwidth: Some(TokenBucketConfig::new(u64::from(bytes), u64::from(ms))),
+            ops: Some(TokenBucketConfig::new(u64::from(ops), u64::from(ms))),
+        }),
     };
     let Ok(mut blk) = Block::new(&cfg, 0) else {
         return;
