@@ -19,10 +19,20 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 #[derive(Arbitrary, Debug)]
 enum Op {
-    Read { offset: u16, width: u8 },
-    Write { offset: u16, width: u8, value: u32 },
+    Read {
+        offset: u16,
+        width: u8,
+    },
+    Write {
+        offset: u16,
+        width: u8,
+        value: u32,
+    },
     /// A register by name, with a value (reaches the interesting offsets more often).
-    Reg { which: u8, value: u32 },
+    Reg {
+        which: u8,
+        value: u32,
+    },
     /// The device serves its queue, as the VMM thread does on a notification.
     Serve,
 }

@@ -42,11 +42,7 @@ fuzz_target!(|input: Input| {
     let mut b = Balloon::new(&cfg).expect("balloon");
     let mem = common::memory(&input.data);
     let n = b.queue_max_sizes().len();
-    let queues = common::queue_inputs(&input.queues, n)
-        .iter()
-        .enumerate()
-        .map(|(i, q)| common::build_queue(&mem, i, q, QUEUE_SIZE))
-        .collect();
+    let queues = common::build_queues(&mem, &input.queues, n, QUEUE_SIZE);
     b.set_acked_features(input.acked_features & b.avail_features());
     let (act, _irq) = common::active(&mem, queues);
     if b.activate(act).is_err() {

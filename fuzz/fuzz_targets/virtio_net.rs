@@ -39,11 +39,7 @@ fuzz_target!(|input: Input| {
     let mut net =
         Net::with_backend(File::from(OwnedFd::from(dev)), [6, 0, 0, 0, 0, 1]).expect("net");
     let mem = common::memory(&input.data);
-    let queues = common::queue_inputs(&input.queues, 2)
-        .iter()
-        .enumerate()
-        .map(|(i, q)| common::build_queue(&mem, i, q, QUEUE_SIZE))
-        .collect();
+    let queues = common::build_queues(&mem, &input.queues, 2, QUEUE_SIZE);
     net.set_acked_features(input.acked_features & net.avail_features());
     let (act, _irq) = common::active(&mem, queues);
     if net.activate(act).is_err() {

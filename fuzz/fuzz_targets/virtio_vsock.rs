@@ -62,11 +62,7 @@ fuzz_target!(|input: Input| {
     let mut em = EventManager::<Arc<Mutex<Vsock>>>::new().expect("event manager");
     em.add_subscriber(vsock.clone());
     let mem = common::memory(&input.data);
-    let queues = common::queue_inputs(&input.queues, 3)
-        .iter()
-        .enumerate()
-        .map(|(i, q)| common::build_queue(&mem, i, q, QUEUE_SIZE))
-        .collect();
+    let queues = common::build_queues(&mem, &input.queues, 3, QUEUE_SIZE);
     let (act, _irq) = common::active(&mem, queues);
     let evts = act.queue_evts.clone();
     {

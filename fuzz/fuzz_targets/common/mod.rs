@@ -196,20 +196,25 @@ pub fn active(mem: &GuestMemoryMmap, queues: Vec<Queue>) -> (ActiveQueues, Arc<I
     )
 }
 
-/// Queue inputs for `n` queues (missing ones are empty).
-pub fn queue_inputs(qs: &[QueueInput], n: usize) -> Vec<QueueInput> {
+/// The device side of `n` queues built from `qs` (`build_queue` for each; a queue the input
+/// does not describe is an empty one of 16 entries).
+pub fn build_queues(
+    mem: &GuestMemoryMmap,
+    qs: &[QueueInput],
+    n: usize,
+    max_size: u16,
+) -> Vec<Queue> {
+    let empty = QueueInput {
+        size_log2: 4,
+        event_idx: false,
+        descs: Vec::new(),
+        avail: Vec::new(),
+        avail_idx: None,
+        used_event: 0,
+        used_idx: None,
+    };
     (0..n)
-        .map(|i| {
-            qs.get(i).cloned().unwrap_or(QueueInput {
-                size_log2: 4,
-                event_idx: false,
-                descs: Vec::new(),
-                avail: Vec::new(),
-                avail_idx: None,
-                used_event: 0,
-                used_idx: None,
-            })
-        })
+        .map(|i| build_queue(mem, i, qs.get(i).unwrap_or(&empty), max_size))
         .collect()
 }
 
