@@ -15,19 +15,9 @@ use std::time::{Duration, Instant};
 
 use common::probe_io::{parse_record, SECTOR};
 use common::vm::*;
+use common::Rng;
 
 const KILLS: usize = 100;
-
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
-    }
-}
 
 /// The run id of the guest's `log: ... run=0x<hex> ready` line.
 fn run_id(vm: &Ledge) -> Option<u64> {

@@ -17,28 +17,12 @@ use std::time::{Duration, Instant};
 
 use common::probe_io::{parse_record, SECTOR};
 use common::vm::*;
+use common::Rng;
 use serde_json::json;
 
 const CLIENTS: usize = 1000;
 const WORKERS: usize = 40;
 const SPAN: Duration = Duration::from_secs(60);
-
-/// A small deterministic generator (xorshift64*), seeded per worker: a failing run can be
-/// replayed with the seed it printed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// What the operator clients believe the VM's state is. Pause and resume are sent with this
 /// lock held, so each of them has exactly one right answer.

@@ -32,6 +32,24 @@ pub fn require_kvm(test: &str) -> bool {
     );
 }
 
+/// A small deterministic generator (xorshift64*) for tests that act at random moments: a
+/// failing run can be replayed with the seed it printed. The seed must not be 0.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number in 0..n.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
 pub struct Output {
     pub code: Option<i32>,
     pub stdout: String,
