@@ -13,7 +13,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::probe_io::{parse_record, SECTOR};
+use common::probe_io::CountLog;
 use common::vm::*;
 use common::Rng;
 
@@ -32,26 +32,10 @@ fn run_id(vm: &Ledge) -> Option<u64> {
 /// the record after the last printed one is either intact or absent (it was in flight), never
 /// a record of this run with another number. Returns how many records were checked.
 fn check_disk(disk: &Path, run: u64, last: Option<u64>, what: &str) -> u64 {
-    let data = std::fs::read(disk).unwrap();
-    let capacity = (data.len() / SECTOR) as u64;
-    let rec = |n: u64| {
-        let off = (n % capacity) as usize * SECTOR;
-        parse_record(&data[off..off + SECTOR])
-    };
     let Some(last) = last else { return 0 };
-    assert!(
-        last < capacity,
-        "{what}: the log wrapped; use a bigger disk"
-    );
-    for n in 0..=last {
-        let r = rec(n).unwrap_or_else(|| {
-            panic!(
-                "{what}: count {n} was acknowledged and printed, its record is missing or damaged"
-            )
-        });
-        assert_eq!((r.seq, r.run), (n, run), "{what}: record of count {n}");
-    }
-    if let Some(r) = rec(last + 1) {
+    let log = CountLog::read(disk);
+    log.assert_intact(0..=last, run, what);
+    if let Some(r) = log.record(last + 1) {
         if r.run == run {
             assert_eq!(r.seq, last + 1, "{what}: the in-flight record");
         }

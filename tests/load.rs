@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::probe_io::{parse_record, SECTOR};
+use common::probe_io::CountLog;
 use common::vm::*;
 use common::Rng;
 use serde_json::json;
@@ -378,16 +378,15 @@ fn a_thousand_clients_for_a_minute() {
     for (i, c) in counts.iter().enumerate() {
         assert_eq!(*c, i as u64, "the count sequence broke at line {i}");
     }
-    let data = std::fs::read(&disk).unwrap();
-    let capacity = (data.len() / SECTOR) as u64;
+    let log = CountLog::read(&disk);
     let last = *counts.last().unwrap();
-    let run = parse_record(&data[..SECTOR]).expect("record 0").run;
-    for n in last.saturating_sub(capacity - 1)..=last {
-        let off = (n % capacity) as usize * SECTOR;
-        let r = parse_record(&data[off..off + SECTOR])
-            .unwrap_or_else(|| panic!("count {n} was printed, its record is damaged or missing"));
-        assert_eq!((r.seq, r.run), (n, run), "record of count {n}");
-    }
+    let run = log.record(0).expect("record 0").run;
+    // The records the disk can still hold: the last `capacity` counts.
+    log.assert_intact(
+        last.saturating_sub(log.capacity() - 1)..=last,
+        run,
+        "after the load",
+    );
     println!(
         "[load] the guest counted 0..={last} without a gap; every record on the disk is intact"
     );

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::probe_io::{echo_frames, parse_record, RawSocket, Tap, GUEST_MAC, SECTOR};
+use common::probe_io::{echo_frames, CountLog, RawSocket, Tap, GUEST_MAC};
 use common::vm::*;
 use serde_json::json;
 
@@ -256,13 +256,9 @@ fn a_killed_vm_continues_counting_in_a_new_process() {
     // Every count either process printed has its record on the disk, all from one run: the
     // restored guest is the same run, continuing.
     let last = vm2.last_count().unwrap();
-    let data = std::fs::read(&disk).unwrap();
-    let rec = |n: u64| parse_record(&data[n as usize * SECTOR..][..SECTOR]);
-    let run = rec(0).expect("no record for count 0").run;
-    for n in 0..=last {
-        let r = rec(n).unwrap_or_else(|| panic!("count {n} was printed, its record is missing"));
-        assert_eq!((r.seq, r.run), (n, run), "record {n}");
-    }
+    let log = CountLog::read(&disk);
+    let run = log.record(0).expect("no record for count 0").run;
+    log.assert_intact(0..=last, run, "across both processes");
     println!(
         "[snapshot-count] records 0..={last} on the disk, intact, one run across both processes"
     );

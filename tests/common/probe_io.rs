@@ -38,6 +38,41 @@ pub fn parse_record(sec: &[u8]) -> Option<LogRecord> {
     (filler_ok && sum == w[63]).then_some(LogRecord { seq, run, sector })
 }
 
+/// A disk image holding the count log: the record of count n is in sector n mod capacity.
+pub struct CountLog(Vec<u8>);
+
+impl CountLog {
+    pub fn read(disk: &std::path::Path) -> CountLog {
+        CountLog(fs::read(disk).unwrap_or_else(|e| panic!("read {}: {e}", disk.display())))
+    }
+
+    /// Sectors, so records, the disk holds.
+    pub fn capacity(&self) -> u64 {
+        (self.0.len() / SECTOR) as u64
+    }
+
+    /// The valid record in count `n`'s sector, whatever count it is for.
+    pub fn record(&self, n: u64) -> Option<LogRecord> {
+        let off = (n % self.capacity()) as usize * SECTOR;
+        parse_record(&self.0[off..off + SECTOR])
+    }
+
+    /// Every count in `counts` was printed, so its record must be there: intact, for that
+    /// count, from run `run`. `counts` must fit on the disk without wrapping.
+    pub fn assert_intact(&self, counts: std::ops::RangeInclusive<u64>, run: u64, what: &str) {
+        assert!(
+            counts.end() - counts.start() < self.capacity(),
+            "{what}: the log wrapped; use a bigger disk"
+        );
+        for n in counts {
+            let r = self.record(n).unwrap_or_else(|| {
+                panic!("{what}: count {n} was printed, its record is missing or damaged")
+            });
+            assert_eq!((r.seq, r.run), (n, run), "{what}: record of count {n}");
+        }
+    }
+}
+
 pub const ETHERTYPE: u16 = 0x88b5;
 pub const GUEST_MAC: [u8; 6] = [0x02, 0x4c, 0x45, 0x44, 0x47, 0x01];
 pub const HOST_MAC: [u8; 6] = [0x02, 0x4c, 0x45, 0x44, 0x47, 0x02];
