@@ -51,18 +51,24 @@ waitfor() {
 }
 rss_kb() { sed -n 's/^VmRSS:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$1/status" 2>/dev/null; }
 # follow LOG: streams LOG's complete lines (the guest console and the VMM's log) to our
-# stdout as they come, so that a hang or crash shows where it happened.
+# stdout as they come, so that a hang or crash shows where it happened. LOG is created here
+# if the VMM's shell has not opened it yet: `tail -f` on a missing file exits at once, and
+# the case would then lose every guest line (it happened in CI on a slow L1). Appending
+# creates the same inode the VMM's `>` then opens, so tail follows the right file.
 FOLLOW=""
 follow() {
+    : >>"$1"
     (tail -n +1 -f "$1" & echo $! >"$1.tail"; wait) | while IFS= read -r l || [[ -n "$l" ]]; do
         printf '%s\n' "${l%$'\r'}"
     done &
     FOLLOW=$!
 }
-end_case() { # NAME LOG RC
-    sleep 0.5
-    kill "$(cat "$2.tail")" 2>/dev/null
-    wait "$FOLLOW" 2>/dev/null
+end_case() { # NAME LOG RC (LOG: the one follow streamed, if any)
+    if [[ -f "$2.tail" ]]; then
+        sleep 0.5
+        kill "$(cat "$2.tail")" 2>/dev/null
+        wait "$FOLLOW" 2>/dev/null
+    fi
     echo "=== END $1 rc=$3"
 }
 has() { [[ " $CASES " == *" $1 "* ]]; }
