@@ -499,8 +499,10 @@ fn probe_net_echoes_frames_through_a_tap() {
     if !require_kvm(test) {
         return;
     }
-    if !is_root() {
-        println!("[{test}] SKIPPED: needs root to create a TAP interface and an AF_PACKET socket");
+    if !require_root(
+        test,
+        "needs root to create a TAP interface and an AF_PACKET socket",
+    ) {
         return;
     }
     let name = format!("lpd{}", std::process::id() % 1_000_000);
@@ -570,8 +572,10 @@ fn probe_count_with_log_and_net_echo() {
     if !require_kvm(test) {
         return;
     }
-    if !is_root() {
-        println!("[{test}] SKIPPED: needs root to create a TAP interface and an AF_PACKET socket");
+    if !require_root(
+        test,
+        "needs root to create a TAP interface and an AF_PACKET socket",
+    ) {
         return;
     }
     let dir = scratch(test);

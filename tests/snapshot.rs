@@ -755,8 +755,7 @@ fn a_full_disk_fails_the_snapshot_and_keeps_the_older_one() {
     if !common::require_kvm("snapshot-disk-full") {
         return;
     }
-    if !common::probe_io::is_root() {
-        println!("[snapshot-disk-full] SKIPPED: mounting a small tmpfs needs root");
+    if !common::probe_io::require_root("snapshot-disk-full", "mounting a small tmpfs needs root") {
         return;
     }
     let _one = serial();
