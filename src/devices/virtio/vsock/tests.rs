@@ -417,6 +417,22 @@ impl H {
         s
     }
 
+    /// The host writes `data` on its end `s` of the connection between guest port `gport` and
+    /// host port `hport`; the guest receives it, whole, in one RW packet.
+    fn host_sends(&mut self, s: &mut UnixStream, gport: u32, hport: u32, data: &[u8]) {
+        s.write_all(data).unwrap();
+        self.run();
+        let (p, got) = self.recv_one();
+        assert_eq!((p.op, p.src_port, p.dst_port), (OP_RW, hport, gport));
+        assert_eq!(got, data);
+    }
+
+    /// The guest sends `data` from `gport` to `hport`; the host reads all of it on `s`.
+    fn guest_sends(&mut self, s: &mut UnixStream, gport: u32, hport: u32, data: &[u8]) {
+        self.send(Pkt::guest(OP_RW, gport, hport), data);
+        assert_eq!(read_all(s), data);
+    }
+
     fn listen(&self, port: u32) -> UnixListener {
         let mut p = self.uds.clone().into_os_string();
         p.push(format!("_{port}"));
@@ -528,13 +544,8 @@ fn host_connects_and_data_flows_both_ways() {
     assert_eq!((p.op, p.src_port, p.dst_port), (OP_RW, hp, 1234));
     assert_eq!(data, b"early");
 
-    s.write_all(b"hello").unwrap();
-    h.run();
-    let (p, data) = h.recv_one();
-    assert_eq!((p.op, data.as_slice()), (OP_RW, &b"hello"[..]));
-
-    h.send(Pkt::guest(OP_RW, 1234, hp), b"world");
-    assert_eq!(read_all(&mut s), b"world");
+    h.host_sends(&mut s, 1234, hp, b"hello");
+    h.guest_sends(&mut s, 1234, hp, b"world");
 
     // A second client gets its own host port.
     let (_s2, hp2) = h.host_connect(1234);
@@ -552,13 +563,8 @@ fn guest_connects_and_data_flows_both_ways() {
     let mut h = H::new();
     let l = h.listen(5000);
     let mut s = h.guest_connect(&l, 777, 5000);
-    h.send(Pkt::guest(OP_RW, 777, 5000), b"ping");
-    assert_eq!(read_all(&mut s), b"ping");
-    s.write_all(b"pong").unwrap();
-    h.run();
-    let (p, data) = h.recv_one();
-    assert_eq!((p.op, p.src_port, p.dst_port), (OP_RW, 5000, 777));
-    assert_eq!(data, b"pong");
+    h.guest_sends(&mut s, 777, 5000, b"ping");
+    h.host_sends(&mut s, 777, 5000, b"pong");
 
     // The guest closes: SHUTDOWN both ways; the device resets and closes the host side.
     let mut shut = Pkt::guest(OP_SHUTDOWN, 777, 5000);
@@ -1004,10 +1010,7 @@ fn half_close_each_way() {
     shut.flags = SHUTDOWN_SEND;
     h.send(shut, &[]);
     assert!(closed(&mut s));
-    s.write_all(b"bye").unwrap();
-    h.run();
-    let (p, data) = h.recv_one();
-    assert_eq!((p.op, data.as_slice()), (OP_RW, &b"bye"[..]));
+    h.host_sends(&mut s, 777, 5000, b"bye");
     // Now the host is done too: SHUTDOWN, then the device resets (both ways done).
     s.shutdown(std::net::Shutdown::Write).unwrap();
     h.run();
@@ -1277,10 +1280,7 @@ mod snapshot {
     ) {
         let (mut h, t) = h_on(None, None, CID, None).unwrap();
         let (mut s1, hp) = h.host_connect(1);
-        s1.write_all(b"before").unwrap();
-        h.run();
-        let (p, data) = h.recv_one();
-        assert_eq!((p.op, data.as_slice()), (OP_RW, &b"before"[..]));
+        h.host_sends(&mut s1, 1, hp, b"before");
         let ev = h.alloc(64);
         h.mem.write_slice(&[0xaa; 8], GuestAddress(ev)).unwrap();
         h.ev.push(&[wr(ev, 8)], false);
@@ -1439,20 +1439,12 @@ fn seccomp_child_data_paths() {
     let h = under_filter::filtered(ThreadKind::Vmm, move || {
         // Host → guest: the client's CONNECT line, data both ways, a second client.
         let (mut s, hp) = h.host_connect(1234);
-        s.write_all(b"hello").unwrap();
-        h.run();
-        let (p, data) = h.recv_one();
-        assert_eq!((p.op, data.as_slice()), (OP_RW, &b"hello"[..]));
-        h.send(Pkt::guest(OP_RW, 1234, hp), b"world");
-        assert_eq!(read_all(&mut s), b"world");
+        h.host_sends(&mut s, 1234, hp, b"hello");
+        h.guest_sends(&mut s, 1234, hp, b"world");
         // Guest → host: connect to PATH_5000, data both ways, the guest shuts down.
         let mut g = h.guest_connect(&l, 777, 5000);
-        h.send(Pkt::guest(OP_RW, 777, 5000), b"ping");
-        assert_eq!(read_all(&mut g), b"ping");
-        g.write_all(b"pong").unwrap();
-        h.run();
-        let (p, data) = h.recv_one();
-        assert_eq!((p.op, data.as_slice()), (OP_RW, &b"pong"[..]));
+        h.guest_sends(&mut g, 777, 5000, b"ping");
+        h.host_sends(&mut g, 777, 5000, b"pong");
         let mut shut = Pkt::guest(OP_SHUTDOWN, 777, 5000);
         shut.flags = SHUTDOWN_BOTH;
         h.send(shut, &[]);
