@@ -161,7 +161,7 @@ fn a_killed_vm_continues_counting_in_a_new_process() {
     let _one = serial();
     let dir = common::scratch("snap-count");
     let disk = dir.join("log.img");
-    std::fs::File::create(&disk).unwrap().set_len(MIB).unwrap();
+    image(&disk, MIB);
     // The network part needs root: one TAP before, another after the restore.
     let taps = Tap::try_create("snapshot-count").map(|a| {
         let b = Tap::create(&format!("{}b", a.0));
