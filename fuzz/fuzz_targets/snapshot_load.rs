@@ -62,16 +62,8 @@ fn seal(rest: &[u8]) -> Vec<u8> {
         [a, b, c, d, json @ ..] => (u32::from_le_bytes([*a, *b, *c, *d]) as usize, json),
         _ => (0, rest),
     };
-    let hlen = hlen.min(json.len());
-    let mut out = Vec::with_capacity(json.len() + 28);
-    out.extend_from_slice(snapshot::MAGIC);
-    out.extend_from_slice(&snapshot::FORMAT_VERSION.to_le_bytes());
-    out.extend_from_slice(&(hlen as u32).to_le_bytes());
-    out.extend_from_slice(&((json.len() - hlen) as u64).to_le_bytes());
-    out.extend_from_slice(json);
-    let crc = crc32fast::hash(&out);
-    out.extend_from_slice(&crc.to_le_bytes());
-    out
+    let (header, body) = json.split_at(hlen.min(json.len()));
+    snapshot::frame(header, body)
 }
 
 /// A fresh device of the saved kind, as the restore path would build from the configuration.

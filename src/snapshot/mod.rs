@@ -265,17 +265,28 @@ fn sync_dir(path: &Path) {
 pub fn encode(header: &SnapshotHeader, body: &VmSnapshot) -> Result<Vec<u8>, SnapshotError> {
     let h = serde_json::to_vec(header).map_err(SnapshotError::Encode)?;
     let b = serde_json::to_vec(body).map_err(SnapshotError::Encode)?;
-    let mut out = Vec::with_capacity(PREFIX + h.len() + b.len() + 4);
+    Ok(frame(&h, &b))
+}
+
+/// A state file around already-encoded header and body bytes: the prefix with this format's
+/// version and both lengths, the two parts, and the checksum over all of it. `encode` uses
+/// it; tests and the fuzzer frame arbitrary bytes with it to get past the checksum.
+pub fn frame(header: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(PREFIX + header.len() + body.len() + 4);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     // A header over 4 GiB cannot happen: it is a few hundred bytes.
-    out.extend_from_slice(&u32::try_from(h.len()).unwrap_or(u32::MAX).to_le_bytes());
-    out.extend_from_slice(&(b.len() as u64).to_le_bytes());
-    out.extend_from_slice(&h);
-    out.extend_from_slice(&b);
+    out.extend_from_slice(
+        &u32::try_from(header.len())
+            .unwrap_or(u32::MAX)
+            .to_le_bytes(),
+    );
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(header);
+    out.extend_from_slice(body);
     let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_le_bytes());
-    Ok(out)
+    out
 }
 
 /// Checks and decodes a state file's bytes; `path` only names it in errors.

@@ -104,14 +104,7 @@ fn every_damage_is_refused_with_its_cause() {
 
 #[test]
 fn a_valid_checksum_over_garbage_json_is_a_parse_error() {
-    let mut bytes = Vec::new();
-    bytes.extend_from_slice(MAGIC);
-    bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    bytes.extend_from_slice(&2u32.to_le_bytes());
-    bytes.extend_from_slice(&2u64.to_le_bytes());
-    bytes.extend_from_slice(b"{}{}");
-    let crc = crc32fast::hash(&bytes);
-    bytes.extend_from_slice(&crc.to_le_bytes());
+    let bytes = frame(b"{}", b"{}");
     let e = decode(p(), &bytes).unwrap_err();
     assert!(
         matches!(e, SnapshotError::Parse { part: "header", .. }),
