@@ -68,6 +68,8 @@ pub enum BuildError {
     },
     #[error("vcpu set-up failed")]
     Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("no room for another virtio device (at most {0})")]
     NoDeviceSlot(usize),
     #[error("virtio-rng")]
@@ -309,7 +311,9 @@ fn assemble(
         u8::try_from(config.machine.vcpus).map_err(|_| ConfigError::Vcpus(config.machine.vcpus))?;
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
     let counters = Arc::new(ExitCounters::default());
-    let vcpu = |id: u8, fd| {
+    // Every vCPU thread gets the same filter: compiled once here, not once per vCPU.
+    let vcpu_filter = crate::seccomp::filter(crate::seccomp::ThreadKind::Vcpu, config.seccomp)?;
+    let start_vcpu = |id: u8, fd| {
         Vcpu::new(
             id,
             fd,
@@ -319,6 +323,7 @@ fn assemble(
             counters.clone(),
             msrs.clone(),
         )
+        .start(vcpu_filter.clone())
     };
     let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
 
@@ -332,7 +337,7 @@ fn assemble(
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_call("creating a vcpu"))?;
             arch::state::restore_vcpu(&fd, saved)?;
-            vcpus.push(vcpu(id, fd).start(config.seccomp)?);
+            vcpus.push(start_vcpu(id, fd)?);
         }
         // Devices last: restoring them may raise interrupts, which must land in the restored
         // interrupt controllers. The kvmclock goes back on resume.
@@ -428,7 +433,7 @@ fn assemble(
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_call("creating a vcpu"))?;
             arch::configure_vcpu(&fd, id, vcpu_count, &setup, &cpuid)?;
-            vcpus.push(vcpu(id, fd).start(config.seccomp)?);
+            vcpus.push(start_vcpu(id, fd)?);
         }
         None
     };

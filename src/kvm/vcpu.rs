@@ -25,10 +25,10 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::arch::x86_64::state::{save_vcpu, StateError, VcpuState};
-use crate::config::SeccompLevel;
 use crate::devices::Bus;
 use crate::exit::{ExitSignal, VmExit};
 use crate::seccomp::ThreadKind;
+use seccompiler::BpfProgram;
 
 /// Errors managing vCPU threads.
 #[derive(Debug, thiserror::Error)]
@@ -272,13 +272,12 @@ impl Vcpu {
         }
     }
 
-    /// Starts the thread `vcpuN`, paused. The thread installs the vCPU seccomp filter at
-    /// `seccomp` first; this returns once it has (or with the reason it could not).
-    pub fn start(self, seccomp: SeccompLevel) -> Result<VcpuHandle, VcpuError> {
+    /// Starts the thread `vcpuN`, paused. The thread installs `filter` (the vCPU seccomp
+    /// filter, compiled once for all of a VM's vCPUs; None when seccomp is off) first; this
+    /// returns once it has (or with the reason it could not).
+    pub fn start(self, filter: Option<BpfProgram>) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
         let id = self.id;
-        let filter = crate::seccomp::filter(ThreadKind::Vcpu, seccomp)
-            .map_err(|e| VcpuError::Seccomp(id, e))?;
         let (cmd_tx, cmd_rx) = channel();
         let (evt_tx, evt_rx) = channel();
         let (state_tx, state_rx) = channel();
