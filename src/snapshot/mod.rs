@@ -200,24 +200,53 @@ fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.ledge-tmp.{}-{salt}", std::process::id()))
 }
 
-/// Creates the temporary file `tmp` and takes its writer's lock: an exclusive flock held as
-/// long as the file is open, which the kernel drops when the writer dies however it dies.
-fn create_locked(tmp: &Path) -> Result<File, SnapshotError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(tmp)
-        .map_err(io("create", tmp))?;
-    if let Err(e) = file.try_lock() {
-        let _ = std::fs::remove_file(tmp);
-        return Err(io("lock", tmp)(std::io::Error::other(e.to_string())));
+/// Creates a temporary file next to `path` and takes its writer's lock: an exclusive flock
+/// held as long as the file is open, which the kernel drops when the writer dies however it
+/// dies. Returns the file and its name.
+///
+/// Between the create and the lock the new file is unlocked, and another writer's sweep of
+/// the same target (`remove_stale_temps`) may take it for a dead writer's and remove it; the
+/// file is then claimed again under a new name, so a sweep never costs a snapshot.
+fn create_temp(path: &Path) -> Result<(PathBuf, File), SnapshotError> {
+    const ATTEMPTS: usize = 8;
+    for _ in 0..ATTEMPTS {
+        let tmp = temp_path(path);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io("create", &tmp))?;
+        if let Some(file) = claim(file, &tmp)? {
+            return Ok((tmp, file));
+        }
     }
-    Ok(file)
+    Err(io("lock", path)(std::io::Error::other(format!(
+        "{ATTEMPTS} new temporary files were removed before they could be locked: is another process sweeping this directory?"
+    ))))
+}
+
+/// Locks the new temporary `file` created as `tmp`. None when a sweep got to it first: it
+/// holds the lock (and removes the file), or has removed it already.
+fn claim(file: File, tmp: &Path) -> Result<Option<File>, SnapshotError> {
+    use std::os::unix::fs::MetadataExt;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => {
+            let _ = std::fs::remove_file(tmp);
+            return Err(io("lock", tmp)(e));
+        }
+    }
+    // Locked: no sweep removes it from now on. Still there under its name?
+    let ours = file.metadata().map_err(io("stat", tmp))?;
+    Ok(std::fs::metadata(tmp)
+        .is_ok_and(|m| (m.dev(), m.ino()) == (ours.dev(), ours.ino()))
+        .then_some(file))
 }
 
 /// Removes temporary files a killed Ledge left next to `path`: those whose writer's lock
-/// (`create_locked`) nobody holds any more. A live writer's file is left alone, whichever
+/// (`create_temp`) nobody holds any more. A live writer's file is left alone, whichever
 /// process or PID namespace it is in.
 fn remove_stale_temps(path: &Path) {
     let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
@@ -382,8 +411,7 @@ pub struct StagedFile {
 impl StagedFile {
     pub fn write(path: &Path, bytes: &[u8]) -> Result<StagedFile, SnapshotError> {
         remove_stale_temps(path);
-        let tmp = temp_path(path);
-        let mut file = create_locked(&tmp)?;
+        let (tmp, mut file) = create_temp(path)?;
         let r = file.write_all(bytes).and_then(|()| file.sync_all());
         if let Err(e) = r {
             let _ = std::fs::remove_file(&tmp);
@@ -425,8 +453,7 @@ impl MemoryWriter {
         tag: &str,
     ) -> Result<(MemoryWriter, u64), SnapshotError> {
         remove_stale_temps(path);
-        let tmp = temp_path(path);
-        let file = create_locked(&tmp)?;
+        let (tmp, file) = create_temp(path)?;
         let w = MemoryWriter {
             tmp,
             path: path.to_path_buf(),

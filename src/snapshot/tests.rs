@@ -188,12 +188,11 @@ fn the_sweep_removes_only_temporaries_nobody_writes() {
     std::fs::create_dir_all(&dir).unwrap();
     let target = dir.join("vm.snap");
     // A live writer (this process, or a jailed VMM that is also "PID 1"): its file stays.
-    let live_tmp = temp_path(&target);
-    let live = create_locked(&live_tmp).unwrap();
+    let (live_tmp, live) = create_temp(&target).unwrap();
     // A dead writer's leftover: the file exists, nobody holds its lock.
-    let dead_tmp = temp_path(&target);
+    let (dead_tmp, dead) = create_temp(&target).unwrap();
     assert_ne!(live_tmp, dead_tmp, "two writers get two names");
-    drop(create_locked(&dead_tmp).unwrap());
+    drop(dead);
     // An old-style name from an earlier Ledge, also unlocked.
     let old = dir.join(format!(".vm.snap.ledge-tmp.{}", u32::MAX));
     std::fs::write(&old, b"x").unwrap();
@@ -206,5 +205,35 @@ fn the_sweep_removes_only_temporaries_nobody_writes() {
     drop(live);
     remove_stale_temps(&target);
     assert!(!live_tmp.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_new_temporary_swept_before_its_lock_is_not_claimed() {
+    let dir = std::env::temp_dir().join(format!("ledge-claim-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let target = dir.join("vm.snap");
+    let create = |tmp: &Path| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(tmp)
+            .unwrap()
+    };
+    // Nobody else: claimed.
+    let tmp = temp_path(&target);
+    assert!(claim(create(&tmp), &tmp).unwrap().is_some());
+    // A sweep removed it between the create and the lock.
+    let tmp = temp_path(&target);
+    let f = create(&tmp);
+    std::fs::remove_file(&tmp).unwrap();
+    assert!(claim(f, &tmp).unwrap().is_none());
+    // A sweep holds its lock (and is about to remove it).
+    let tmp = temp_path(&target);
+    let f = create(&tmp);
+    let sweeper = std::fs::File::open(&tmp).unwrap();
+    sweeper.try_lock().unwrap();
+    assert!(claim(f, &tmp).unwrap().is_none());
     std::fs::remove_dir_all(&dir).unwrap();
 }
