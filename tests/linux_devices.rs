@@ -74,6 +74,16 @@ fn rng_kib(vcpus: u32) -> u64 {
         256
     }
 }
+
+/// vCPUs of the case's guest: net2 is the 2-vCPU variant of net1, every other guest has one.
+fn case_vcpus(name: &str) -> u32 {
+    if name == "net2" {
+        2
+    } else {
+        1
+    }
+}
+
 const VSOCK_CONN_BYTES: u64 = 2 * 1024 * 1024;
 const VSOCK_CONNS: usize = 8;
 const BALLOON_MIB: u64 = 128;
@@ -958,7 +968,7 @@ fn run_case(name: &str, g: &Path, tool: &Path, initrd: &Path, e2fs: &Path) -> At
         .env("LEDGE_DEVLAB_NET_MIB", NET_MIB.to_string())
         .env(
             "LEDGE_DEVLAB_RNG_KIB",
-            rng_kib(if name == "net2" { 2 } else { 1 }).to_string(),
+            rng_kib(case_vcpus(name)).to_string(),
         );
     // The L1 keeps kvm-lab.sh's two vCPUs: with one, the 2-vCPU guest of net2 wedged the whole
     // L1 during the TCP upload in 2 of 3 boots (no heartbeat for 300 s).
@@ -1092,7 +1102,7 @@ fn virtio_devices_under_linux_in_the_kvm_lab() {
                 ));
             }
             "net1" | "net2" => {
-                let vcpus = if name == "net1" { 1 } else { 2 };
+                let vcpus = case_vcpus(name);
                 check_net(&c, vcpus, &mut k);
                 let total = (VSOCK_CONNS as u64) * VSOCK_CONN_BYTES;
                 numbers.push(format!(

@@ -14,7 +14,7 @@
 # LEDGE_DEVLAB_SNAP_SCRIPT (tests/lab/guest-snap.sh, put into the snap case's root image),
 # LEDGE_DEVLAB_CRASH_SCRIPT (tests/lab/guest-crash.sh, for the crash case's root image),
 # LEDGE_DEVLAB_CRASH_KILLS (5), LEDGE_DEVLAB_CASES (optional subset: blk net1 net2 snap crash
-# balloon), LEDGE_DEVLAB_NET_MIB (32),
+# balloon), LEDGE_DEVLAB_NET_MIB (64),
 # LEDGE_DEVLAB_RNG_KIB (1024).
 #
 # In the lab, every case ends with "R <name> l1_trouble=N": how many lines of the L1 kernel's
