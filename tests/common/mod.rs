@@ -8,7 +8,7 @@ pub mod vm;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// The kind of KVM this test runs on, printed so every test log says it.
@@ -30,6 +30,16 @@ pub fn require_kvm(test: &str) -> bool {
     panic!(
         "[{test}] /dev/kvm is missing: KVM tests need it (set LEDGE_SKIP_KVM_TESTS=1 to skip them)"
     );
+}
+
+/// One VM at a time within a test binary: a probe guest's vCPU spins a host CPU, and the
+/// machines these tests run on have two cores (cargo runs a binary's tests on several threads).
+static ONE_VM: Mutex<()> = Mutex::new(());
+
+/// Holds the one-VM-at-a-time lock while the guard lives. A test that failed holding it does
+/// not fail the others (the poisoned lock is taken anyway).
+pub fn one_vm() -> MutexGuard<'static, ()> {
+    ONE_VM.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A small deterministic generator (xorshift64*) for tests that act at random moments: a
