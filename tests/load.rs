@@ -118,6 +118,40 @@ fn check(what: &str, out: Outcome, want: u16, needle: &str) -> Result<Resp, Stri
     }
 }
 
+/// After an answer that must close the connection: the answer says `Connection: close` and the
+/// server then shuts the connection (EOF or reset, nothing more to read). A connection left open
+/// is a wrong answer once the read times out (the connection's hang limit, READ_LIMIT).
+fn closed_after(what: &str, c: &mut Conn, r: &Resp) -> Result<(), String> {
+    use std::io::{ErrorKind, Read};
+    if !r
+        .header("connection")
+        .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+    {
+        return Err(format!("{what}: no `Connection: close` in {:?}", r.head));
+    }
+    if !c.pending.is_empty() {
+        return Err(format!(
+            "{what}: {} more bytes after the answer",
+            c.pending.len()
+        ));
+    }
+    let mut b = [0u8; 256];
+    loop {
+        match c.s.read(&mut b) {
+            Ok(0) => return Ok(()),
+            Ok(n) => return Err(format!("{what}: {n} more bytes after the answer")),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(format!(
+                    "{what}: the server left the connection open ({READ_LIMIT:?} after the answer)"
+                ))
+            }
+            // A reset or the like: closed too.
+            Err(_) => return Ok(()),
+        }
+    }
+}
+
 /// One client: a connection, then requests until its time is up. Returns the first wrong
 /// answer, if any.
 fn client(
@@ -202,16 +236,18 @@ fn client(
             970..=979 => {
                 // Not HTTP at all: answered 400, then the connection is closed.
                 let out = c.raw(b"HELLO THERE\r\n\r\n");
-                check("garbage request line", out, 400, "")?;
+                let r = check("garbage request line", out, 400, "")?;
+                closed_after("garbage request line", &mut c, &r)?;
                 tally.refused_ok.fetch_add(1, Ordering::Relaxed);
                 tally.closed_ok.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
             980..=989 => {
-                // A body larger than the API takes: 413.
+                // A body larger than the API takes: 413, then the connection is closed.
                 let req = "PUT /machine-config HTTP/1.1\r\nContent-Type: application/json\r\n\
                            Content-Length: 60000\r\n\r\n";
-                check("oversized body", c.raw(req.as_bytes()), 413, "")?;
+                let r = check("oversized body", c.raw(req.as_bytes()), 413, "")?;
+                closed_after("oversized body", &mut c, &r)?;
                 tally.refused_ok.fetch_add(1, Ordering::Relaxed);
                 tally.closed_ok.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
