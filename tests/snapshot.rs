@@ -16,7 +16,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::probe_io::{echo_frames, CountLog, RawSocket, Tap, GUEST_MAC};
+use common::probe_io::{echo_frames, guest_mac, CountLog, RawSocket, Tap};
 use common::vm::*;
 use serde_json::json;
 
@@ -162,7 +162,7 @@ fn a_killed_vm_continues_counting_in_a_new_process() {
     let (cmdline, nets) = match &taps {
         Some((a, _)) => (
             "probe=count probe.log=blk probe.net=echo",
-            json!([{"tap": a.0, "id": "eth0", "mac": mac_string()}]),
+            json!([{"tap": a.0, "id": "eth0", "mac": guest_mac()}]),
         ),
         None => ("probe=count probe.log=blk", json!([])),
     };
@@ -254,14 +254,6 @@ fn a_killed_vm_continues_counting_in_a_new_process() {
     println!(
         "[snapshot-count] records 0..={last} on the disk, intact, one run across both processes"
     );
-}
-
-fn mac_string() -> String {
-    GUEST_MAC
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 #[test]
