@@ -19,13 +19,12 @@ use common::Rng;
 
 const KILLS: usize = 100;
 
-/// The run id of the guest's `log: ... run=0x<hex> ready` line.
+/// The run id of the guest's `log: ... run=0x<hex> ready` line, once it printed that line (a
+/// line without a hex run id fails the test).
 fn run_id(vm: &Ledge) -> Option<u64> {
     let l = vm.lines_with("log: dev=0").into_iter().next()?;
-    let hex = l
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("run=0x"))?;
-    u64::from_str_radix(hex, 16).ok()
+    assert!(l.contains(" run=0x"), "no hex run id in {l:?}");
+    Some(field(&l, "run="))
 }
 
 /// Checks the disk after a kill: every count the guest printed has its record, from this run;
