@@ -48,12 +48,11 @@ fn fd_count(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
-fn status_kib(pid: u32, key: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+/// The VMM's VmRSS in KiB (the process is alive whenever this is read).
+fn rss_kib(pid: u32) -> u64 {
+    common::proc_status(pid, "VmRSS")
+        .and_then(|v| common::kib(&v))
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
 }
 
 /// Requests refused with 400: (what, method, path, body, a word the fault message must hold).
@@ -294,7 +293,7 @@ fn a_thousand_clients_for_a_minute() {
         call(&sock, "GET", "/", None);
     }
     std::thread::sleep(Duration::from_millis(300));
-    let (fds0, rss0) = (fd_count(pid), status_kib(pid, "VmRSS:"));
+    let (fds0, rss0) = (fd_count(pid), rss_kib(pid));
 
     let control = Arc::new(Mutex::new(Control {
         paused: false,
@@ -337,7 +336,7 @@ fn a_thousand_clients_for_a_minute() {
         })
         .collect();
     std::thread::sleep(SPAN / 2);
-    let rss_mid = status_kib(pid, "VmRSS:");
+    let rss_mid = rss_kib(pid);
     let fds_mid = fd_count(pid);
     for w in workers {
         w.join().expect("a client worker panicked");
@@ -358,7 +357,7 @@ fn a_thousand_clients_for_a_minute() {
         std::thread::sleep(Duration::from_millis(200));
         fds1 = fd_count(pid);
     }
-    let rss1 = status_kib(pid, "VmRSS:");
+    let rss1 = rss_kib(pid);
     let ctl = control.lock().unwrap();
     let requests = tally.requests.load(Ordering::Relaxed);
     let nerr = tally.errors.load(Ordering::Relaxed);

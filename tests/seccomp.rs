@@ -254,21 +254,15 @@ fn seccomp_of_threads(pid: u32) -> BTreeMap<String, (u32, u32)> {
         let Ok(status) = std::fs::read_to_string(t.path().join("status")) else {
             continue; // the thread ended meanwhile
         };
-        let field = |key: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .map(|v| v.trim().to_string())
-                .unwrap_or_default()
-        };
-        let name = field("Name:");
+        let field = |key: &str| common::proc_field(&status, key).unwrap_or_default();
+        let name = field("Name");
         if name.starts_with("kvm-nx-lpage") {
             // KVM's own worker (a kernel task in the process, made at the first KVM_RUN and so
             // inheriting that vCPU thread's filter); it makes no system calls.
             continue;
         }
-        let mode = field("Seccomp:").parse().unwrap_or(99);
-        let filters = field("Seccomp_filters:").parse().unwrap_or(99);
+        let mode = field("Seccomp").parse().unwrap_or(99);
+        let filters = field("Seccomp_filters").parse().unwrap_or(99);
         out.insert(name, (mode, filters));
     }
     out

@@ -133,12 +133,11 @@ fn wait_line_after(vm: &mut Ledge, from: usize, prefix: &str) -> String {
 fn rss_pss(pid: u32) -> (u64, u64) {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
     let kb = |key: &str| -> u64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or_else(|| panic!("no {key} in smaps_rollup"))
+        common::proc_field(&text, key)
+            .and_then(|v| common::kib(&v))
+            .unwrap_or_else(|| panic!("no {key} in kB in smaps_rollup"))
     };
-    (kb("Rss:") * 1024, kb("Pss:") * 1024)
+    (kb("Rss") * 1024, kb("Pss") * 1024)
 }
 
 fn mib(b: u64) -> f64 {

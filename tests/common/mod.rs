@@ -42,6 +42,28 @@ pub fn one_vm() -> MutexGuard<'static, ()> {
     ONE_VM.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The value of `key` (without its colon) in the text of a /proc file of `Key:  value` lines
+/// (status, smaps_rollup): its words joined by single spaces; None when there is no such key.
+pub fn proc_field(text: &str, key: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k == key).then(|| v.split_whitespace().collect::<Vec<_>>().join(" "))
+    })
+}
+
+/// `key` of /proc/PID/status (see `proc_field`); None when the process or the key is not there.
+pub fn proc_status(pid: u32, key: &str) -> Option<String> {
+    proc_field(
+        &std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?,
+        key,
+    )
+}
+
+/// A /proc size value (`1234 kB`) in KiB.
+pub fn kib(value: &str) -> Option<u64> {
+    value.strip_suffix(" kB")?.parse().ok()
+}
+
 /// A small deterministic generator (xorshift64*) for tests that act at random moments: a
 /// failing run can be replayed with the seed it printed. The seed must not be 0.
 pub struct Rng(pub u64);
