@@ -6,7 +6,8 @@
 //! after every kill each printed count's record must be on the host's file, intact. (The
 //! Linux-guest version, ext4 and fsck, is the `crash` case of tests/linux_devices.rs.)
 //!
-//! No wall-clock time is asserted; the moments of the kills are random (seed printed).
+//! No wall-clock time is asserted; the moments of the kills are random (the seed is printed;
+//! LEDGE_TEST_SEED replays a run).
 
 mod common;
 
@@ -51,8 +52,10 @@ fn kill_9_a_hundred_times_loses_no_acknowledged_record() {
     let disk = dir.join("log.img");
     // 4 MiB: 8192 sectors, far more records than one run writes.
     image(&disk, 4 << 20);
-    let seed = 0x6b11_u64 ^ u64::from(std::process::id()) << 16 | 1;
-    println!("[kill-loop] KVM {}: seed {seed:#x}", common::kvm_kind());
+    let seed = common::seed(
+        "kill-loop",
+        0x6b11_u64 ^ u64::from(std::process::id()) << 16 | 1,
+    );
     let mut rng = Rng(seed);
     let disk_arg = format!("path={},id=log", disk.display());
     let (mut checked, mut in_counting, mut early) = (0u64, 0, 0);

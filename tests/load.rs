@@ -303,8 +303,8 @@ fn a_thousand_clients_for_a_minute() {
     }));
     let tally = Arc::new(Tally::default());
     let errors = Arc::new(Mutex::new(Vec::<String>::new()));
-    let seed0 = 0x1ed9e_u64 ^ u64::from(std::process::id());
-    println!("[load] seed {seed0:#x}, {CLIENTS} clients by {WORKERS} workers over {SPAN:?}");
+    let seed0 = common::seed("load", 0x1ed9e_u64 ^ u64::from(std::process::id()));
+    println!("[load] {CLIENTS} clients by {WORKERS} workers over {SPAN:?}");
     let start = Instant::now();
     let per_worker = CLIENTS / WORKERS;
     let slot = SPAN / per_worker as u32;
