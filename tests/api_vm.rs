@@ -10,9 +10,9 @@
 //! inside the guest: while paused, no `count:` line appears for well over 500 ms, and after
 //! resume the count continues at the next number.
 //!
-//! The tests boot one VM at a time (`ONE_VM`): the probe's counter spins a host CPU and the
-//! machines these run on have two. No wall-clock time is asserted; every wait is bounded with a
-//! generous limit and fails with the process's output.
+//! The tests boot one VM at a time (`common::one_vm`): the probe's counter spins a host CPU
+//! and the machines these run on have two. No wall-clock time is asserted; every wait is
+//! bounded with a generous limit and fails with the process's output.
 
 mod common;
 
@@ -23,17 +23,9 @@ use std::io::{ErrorKind, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-
-/// One VM process at a time (see the module doc).
-static ONE_VM: Mutex<()> = Mutex::new(());
-
-fn one_vm() -> MutexGuard<'static, ()> {
-    ONE_VM.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// virtio device ids, as the probe prints them.
 const VIRTIO_NET: u64 = 1;
@@ -121,7 +113,7 @@ fn every_endpoint_through_a_whole_lifecycle() {
     if !common::require_kvm(T) {
         return;
     }
-    let _one = one_vm();
+    let _one = common::one_vm();
     let (dir, probe) = setup("lifecycle");
     let sock = dir.join("api.sock");
     let sock = sock.as_path();
@@ -901,7 +893,7 @@ fn bad_input_and_many_clients_while_the_guest_runs() {
     if !common::require_kvm(T) {
         return;
     }
-    let _one = one_vm();
+    let _one = common::one_vm();
     let (dir, probe) = setup("bad-input");
     let sock = dir.join("api.sock");
     let sock = sock.as_path();
@@ -1091,7 +1083,7 @@ fn requests_after_the_guest_stopped_see_a_closed_socket() {
     if !common::require_kvm(T) {
         return;
     }
-    let _one = one_vm();
+    let _one = common::one_vm();
     let (dir, probe) = setup("after-stop");
     let sock = dir.join("api.sock");
     let sock = sock.as_path();
@@ -1146,7 +1138,7 @@ fn the_socket_is_private_exclusive_and_removed() {
     if !common::require_kvm(T) {
         return;
     }
-    let _one = one_vm();
+    let _one = common::one_vm();
     let (dir, _probe) = setup("socket");
     let sock = dir.join("api.sock");
     // A stale socket (its listener gone) is replaced.
@@ -1190,7 +1182,7 @@ fn config_file_boot_with_and_without_the_api() {
     if !common::require_kvm(T) {
         return;
     }
-    let _one = one_vm();
+    let _one = common::one_vm();
     let (dir, probe) = setup("config-file");
     let disk = image(&dir.join("disk.img"), 1 << 20);
     let metrics = dir.join("metrics.json");
@@ -1322,7 +1314,7 @@ fn send_ctrl_alt_del_resets_the_probe_guest() {
     if !common::require_kvm(T) {
         return;
     }
-    let _one = one_vm();
+    let _one = common::one_vm();
     let (dir, probe) = setup("ctrl-alt-del");
     let sock = dir.join("api.sock");
     let mut vm = Ledge::serve(&sock, &[]);
@@ -1362,7 +1354,7 @@ fn instance_start_while_paused_is_refused() {
     if !common::require_kvm(T) {
         return;
     }
-    let _one = one_vm();
+    let _one = common::one_vm();
     let (dir, probe) = setup("start-paused");
     let sock = dir.join("api.sock");
     let mut vm = Ledge::serve(&sock, &[]);

@@ -6,7 +6,8 @@
 //! after every kill each printed count's record must be on the host's file, intact. (The
 //! Linux-guest version, ext4 and fsck, is the `crash` case of tests/linux_devices.rs.)
 //!
-//! No wall-clock time is asserted; the moments of the kills are random (seed printed).
+//! No wall-clock time is asserted; the moments of the kills are random (the seed is printed;
+//! LEDGE_TEST_SEED replays a run).
 
 mod common;
 
@@ -19,13 +20,12 @@ use common::Rng;
 
 const KILLS: usize = 100;
 
-/// The run id of the guest's `log: ... run=0x<hex> ready` line.
+/// The run id of the guest's `log: ... run=0x<hex> ready` line, once it printed that line (a
+/// line without a hex run id fails the test).
 fn run_id(vm: &Ledge) -> Option<u64> {
     let l = vm.lines_with("log: dev=0").into_iter().next()?;
-    let hex = l
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("run=0x"))?;
-    u64::from_str_radix(hex, 16).ok()
+    assert!(l.contains(" run=0x"), "no hex run id in {l:?}");
+    Some(field(&l, "run="))
 }
 
 /// Checks the disk after a kill: every count the guest printed has its record, from this run;
@@ -52,8 +52,10 @@ fn kill_9_a_hundred_times_loses_no_acknowledged_record() {
     let disk = dir.join("log.img");
     // 4 MiB: 8192 sectors, far more records than one run writes.
     image(&disk, 4 << 20);
-    let seed = 0x6b11_u64 ^ u64::from(std::process::id()) << 16 | 1;
-    println!("[kill-loop] KVM {}: seed {seed:#x}", common::kvm_kind());
+    let seed = common::seed(
+        "kill-loop",
+        0x6b11_u64 ^ u64::from(std::process::id()) << 16 | 1,
+    );
     let mut rng = Rng(seed);
     let disk_arg = format!("path={},id=log", disk.display());
     let (mut checked, mut in_counting, mut early) = (0u64, 0, 0);

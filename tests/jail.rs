@@ -151,13 +151,7 @@ fn wait_vmm_pid(l: &mut Ledge, jail_dir: &Path) -> u32 {
 }
 
 fn status_field(pid: u32, key: &str) -> String {
-    let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}:")))
-        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
+    common::proc_status(pid, key).unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
 }
 
 fn ns(pid: &str, which: &str) -> String {

@@ -48,12 +48,11 @@ fn fd_count(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
-fn status_kib(pid: u32, key: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+/// The VMM's VmRSS in KiB (the process is alive whenever this is read).
+fn rss_kib(pid: u32) -> u64 {
+    common::proc_status(pid, "VmRSS")
+        .and_then(|v| common::kib(&v))
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
 }
 
 /// Requests refused with 400: (what, method, path, body, a word the fault message must hold).
@@ -115,6 +114,40 @@ fn check(what: &str, out: Outcome, want: u16, needle: &str) -> Result<Resp, Stri
             r.status, r.body
         )),
         Outcome::Closed(why) => Err(format!("{what}: connection closed ({why})")),
+    }
+}
+
+/// After an answer that must close the connection: the answer says `Connection: close` and the
+/// server then shuts the connection (EOF or reset, nothing more to read). A connection left open
+/// is a wrong answer once the read times out (the connection's hang limit, READ_LIMIT).
+fn closed_after(what: &str, c: &mut Conn, r: &Resp) -> Result<(), String> {
+    use std::io::{ErrorKind, Read};
+    if !r
+        .header("connection")
+        .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+    {
+        return Err(format!("{what}: no `Connection: close` in {:?}", r.head));
+    }
+    if !c.pending.is_empty() {
+        return Err(format!(
+            "{what}: {} more bytes after the answer",
+            c.pending.len()
+        ));
+    }
+    let mut b = [0u8; 256];
+    loop {
+        match c.s.read(&mut b) {
+            Ok(0) => return Ok(()),
+            Ok(n) => return Err(format!("{what}: {n} more bytes after the answer")),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(format!(
+                    "{what}: the server left the connection open ({READ_LIMIT:?} after the answer)"
+                ))
+            }
+            // A reset or the like: closed too.
+            Err(_) => return Ok(()),
+        }
     }
 }
 
@@ -202,16 +235,18 @@ fn client(
             970..=979 => {
                 // Not HTTP at all: answered 400, then the connection is closed.
                 let out = c.raw(b"HELLO THERE\r\n\r\n");
-                check("garbage request line", out, 400, "")?;
+                let r = check("garbage request line", out, 400, "")?;
+                closed_after("garbage request line", &mut c, &r)?;
                 tally.refused_ok.fetch_add(1, Ordering::Relaxed);
                 tally.closed_ok.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
             980..=989 => {
-                // A body larger than the API takes: 413.
+                // A body larger than the API takes: 413, then the connection is closed.
                 let req = "PUT /machine-config HTTP/1.1\r\nContent-Type: application/json\r\n\
                            Content-Length: 60000\r\n\r\n";
-                check("oversized body", c.raw(req.as_bytes()), 413, "")?;
+                let r = check("oversized body", c.raw(req.as_bytes()), 413, "")?;
+                closed_after("oversized body", &mut c, &r)?;
                 tally.refused_ok.fetch_add(1, Ordering::Relaxed);
                 tally.closed_ok.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
@@ -258,7 +293,7 @@ fn a_thousand_clients_for_a_minute() {
         call(&sock, "GET", "/", None);
     }
     std::thread::sleep(Duration::from_millis(300));
-    let (fds0, rss0) = (fd_count(pid), status_kib(pid, "VmRSS:"));
+    let (fds0, rss0) = (fd_count(pid), rss_kib(pid));
 
     let control = Arc::new(Mutex::new(Control {
         paused: false,
@@ -268,8 +303,8 @@ fn a_thousand_clients_for_a_minute() {
     }));
     let tally = Arc::new(Tally::default());
     let errors = Arc::new(Mutex::new(Vec::<String>::new()));
-    let seed0 = 0x1ed9e_u64 ^ u64::from(std::process::id());
-    println!("[load] seed {seed0:#x}, {CLIENTS} clients by {WORKERS} workers over {SPAN:?}");
+    let seed0 = common::seed("load", 0x1ed9e_u64 ^ u64::from(std::process::id()));
+    println!("[load] {CLIENTS} clients by {WORKERS} workers over {SPAN:?}");
     let start = Instant::now();
     let per_worker = CLIENTS / WORKERS;
     let slot = SPAN / per_worker as u32;
@@ -301,7 +336,7 @@ fn a_thousand_clients_for_a_minute() {
         })
         .collect();
     std::thread::sleep(SPAN / 2);
-    let rss_mid = status_kib(pid, "VmRSS:");
+    let rss_mid = rss_kib(pid);
     let fds_mid = fd_count(pid);
     for w in workers {
         w.join().expect("a client worker panicked");
@@ -322,7 +357,7 @@ fn a_thousand_clients_for_a_minute() {
         std::thread::sleep(Duration::from_millis(200));
         fds1 = fd_count(pid);
     }
-    let rss1 = status_kib(pid, "VmRSS:");
+    let rss1 = rss_kib(pid);
     let ctl = control.lock().unwrap();
     let requests = tally.requests.load(Ordering::Relaxed);
     let nerr = tally.errors.load(Ordering::Relaxed);

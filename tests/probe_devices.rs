@@ -507,28 +507,8 @@ fn probe_net_echoes_frames_through_a_tap() {
     }
     let name = format!("lpd{}", std::process::id() % 1_000_000);
     let tap = Tap::create(&name);
-    let net = format!(
-        "tap={},mac={}",
-        tap.0,
-        GUEST_MAC
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":")
-    );
-    let mut guest = Guest::spawn(&[
-        "run",
-        "--console",
-        "stdio",
-        "--net",
-        &net,
-        "--cmdline",
-        "probe=net-echo net_frames=100000000",
-    ]);
-    let Some(ready) = guest.wait_line(&["net: dev=0", "net: error="], Duration::from_secs(60))
-    else {
-        panic!("the guest never said it was ready: {:?}", guest.seen);
-    };
+    let net = format!("tap={},mac={}", tap.0, guest_mac());
+    let (mut guest, ready) = spawn_net_echo(&net);
     let seen = guest.seen.join("\n");
     if !device_present(test, &seen, TYPE_NET, "virtio-net") {
         return;
@@ -585,11 +565,7 @@ fn probe_count_with_log_and_net_echo() {
     let disk = format!("path={}", img.display());
     let name = format!("lpc{}", std::process::id() % 1_000_000);
     let tap = Tap::create(&name);
-    let mac = GUEST_MAC
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":");
+    let mac = guest_mac();
     let net = format!("tap={},mac={mac}", tap.0);
     let mut guest = Guest::spawn(&[
         "run",

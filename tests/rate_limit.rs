@@ -11,7 +11,8 @@
 //! A bucket starts full, so a transfer of B bytes at rate R with bucket size S takes
 //! (B - S) / R: the rates asserted are that sustained rate, (B - S) / time (the raw B / time is
 //! printed too). The buckets hold 200-250 ms of traffic, so a VMM thread that the loaded host
-//! schedules late loses no tokens.
+//! schedules late loses no tokens. The tests run one at a time (`common::one_vm`): a spinning
+//! probe vCPU of another test would take one of this machine's two cores from the one measured.
 
 mod common;
 
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use common::probe_io::*;
 use common::vm::{bad, field, get, image, ok, Ledge};
-use common::{ledge, require_kvm, scratch, wait_until};
+use common::{ledge, one_vm, require_kvm, scratch, wait_until};
 
 const MIB: f64 = (1 << 20) as f64;
 const LIMIT: Duration = Duration::from_secs(180);
@@ -108,6 +109,7 @@ fn blk_run(disk: &str, cmdline: &str) -> String {
 /// it and reads it back (48 MiB) as fast as it can, 8 requests of 256 KiB in flight.
 #[test]
 fn blk_bandwidth_limit_holds_within_ten_percent() {
+    let _one = one_vm();
     let test = "blk_bandwidth_limit_holds_within_ten_percent";
     let Some((dir, img, hz)) = blk_test(test, 24 << 20) else {
         return;
@@ -139,6 +141,7 @@ fn blk_bandwidth_limit_holds_within_ten_percent() {
 /// The ops bucket alone: 200 requests per second with 256 KiB requests is 50 MiB/s.
 #[test]
 fn blk_ops_limit_holds_within_ten_percent() {
+    let _one = one_vm();
     let test = "blk_ops_limit_holds_within_ten_percent";
     let Some((dir, img, hz)) = blk_test(test, 96 << 20) else {
         return;
@@ -163,6 +166,7 @@ fn blk_ops_limit_holds_within_ten_percent() {
 /// above 20; GET /vm/config shows each limit in force.
 #[test]
 fn patch_changes_the_limit_of_a_running_disk() {
+    let _one = one_vm();
     let test = "patch_changes_the_limit_of_a_running_disk";
     let Some((dir, img, hz)) = blk_test(test, 16 << 20) else {
         return;
@@ -254,6 +258,7 @@ fn patch_changes_the_limit_of_a_running_disk() {
 /// several times faster.
 #[test]
 fn net_rx_and_tx_limits_hold_within_ten_percent() {
+    let _one = one_vm();
     let test = "net_rx_and_tx_limits_hold_within_ten_percent";
     if !require_kvm(test)
         || !require_root(
@@ -313,6 +318,7 @@ fn net_rx_and_tx_limits_hold_within_ten_percent() {
 /// device's `throttled` counter in the metrics records.
 #[test]
 fn a_restored_vm_keeps_its_patched_limits() {
+    let _one = one_vm();
     let test = "a_restored_vm_keeps_its_patched_limits";
     if !require_kvm(test) {
         return;

@@ -14,21 +14,13 @@ mod common;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::probe_io::{echo_frames, CountLog, RawSocket, Tap, GUEST_MAC};
+use common::probe_io::{echo_frames, guest_mac, CountLog, RawSocket, Tap};
 use common::vm::*;
 use serde_json::json;
 
 const MIB: u64 = 1 << 20;
-
-/// One group of VMs at a time: probe vCPUs spin, and these machines have two cores.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -141,12 +133,11 @@ fn wait_line_after(vm: &mut Ledge, from: usize, prefix: &str) -> String {
 fn rss_pss(pid: u32) -> (u64, u64) {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
     let kb = |key: &str| -> u64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or_else(|| panic!("no {key} in smaps_rollup"))
+        common::proc_field(&text, key)
+            .and_then(|v| common::kib(&v))
+            .unwrap_or_else(|| panic!("no {key} in kB in smaps_rollup"))
     };
-    (kb("Rss:") * 1024, kb("Pss:") * 1024)
+    (kb("Rss") * 1024, kb("Pss") * 1024)
 }
 
 fn mib(b: u64) -> f64 {
@@ -158,7 +149,7 @@ fn a_killed_vm_continues_counting_in_a_new_process() {
     if !common::require_kvm("snapshot-count") {
         return;
     }
-    let _one = serial();
+    let _one = common::one_vm();
     let dir = common::scratch("snap-count");
     let disk = dir.join("log.img");
     image(&disk, MIB);
@@ -170,7 +161,7 @@ fn a_killed_vm_continues_counting_in_a_new_process() {
     let (cmdline, nets) = match &taps {
         Some((a, _)) => (
             "probe=count probe.log=blk probe.net=echo",
-            json!([{"tap": a.0, "id": "eth0", "mac": mac_string()}]),
+            json!([{"tap": a.0, "id": "eth0", "mac": guest_mac()}]),
         ),
         None => ("probe=count probe.log=blk", json!([])),
     };
@@ -264,20 +255,12 @@ fn a_killed_vm_continues_counting_in_a_new_process() {
     );
 }
 
-fn mac_string() -> String {
-    GUEST_MAC
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 #[test]
 fn a_diff_holds_what_changed_and_restores_merged() {
     if !common::require_kvm("snapshot-diff") {
         return;
     }
-    let _one = serial();
+    let _one = common::one_vm();
     let dir = common::scratch("snap-diff");
     let cfg = config_file(
         &dir,
@@ -381,7 +364,7 @@ fn ten_clones_share_one_memory_file() {
     if !common::require_kvm("snapshot-clones") {
         return;
     }
-    let _one = serial();
+    let _one = common::one_vm();
     let dir = common::scratch("snap-clones");
     let cfg = config_file(
         &dir,
@@ -476,7 +459,7 @@ fn damaged_snapshots_are_refused_before_any_vm_exists() {
     if !common::require_kvm("snapshot-bad-files") {
         return;
     }
-    let _one = serial();
+    let _one = common::one_vm();
     let dir = common::scratch("snap-bad");
     let cfg = config_file(
         &dir,
@@ -641,7 +624,7 @@ fn kill_9_while_snapshotting_leaves_a_loadable_snapshot() {
     if !common::require_kvm("snapshot-kill-9") {
         return;
     }
-    let _one = serial();
+    let _one = common::one_vm();
     let dir = common::scratch("snap-kill");
     let cfg = config_file(
         &dir,
@@ -709,7 +692,7 @@ fn the_first_format_still_restores() {
     if !common::require_kvm("snapshot-format-v1") {
         return;
     }
-    let _one = serial();
+    let _one = common::one_vm();
     let (snap, mem) = common::snapshot_v1_fixture(&common::scratch("snap-v1"));
     let info = common::ledge(&["snapshot", "info", s(&snap)], Duration::from_secs(30));
     assert_eq!(info.code, Some(0), "{}", info.stderr);
@@ -758,7 +741,7 @@ fn a_full_disk_fails_the_snapshot_and_keeps_the_older_one() {
     if !common::probe_io::require_root("snapshot-disk-full", "mounting a small tmpfs needs root") {
         return;
     }
-    let _one = serial();
+    let _one = common::one_vm();
     let dir = common::scratch("snap-full");
     let cfg = config_file(
         &dir,

@@ -8,7 +8,7 @@ pub mod vm;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// The kind of KVM this test runs on, printed so every test log says it.
@@ -32,8 +32,65 @@ pub fn require_kvm(test: &str) -> bool {
     );
 }
 
+/// One VM at a time within a test binary: a probe guest's vCPU spins a host CPU, and the
+/// machines these tests run on have two cores (cargo runs a binary's tests on several threads).
+static ONE_VM: Mutex<()> = Mutex::new(());
+
+/// Holds the one-VM-at-a-time lock while the guard lives. A test that failed holding it does
+/// not fail the others (the poisoned lock is taken anyway).
+pub fn one_vm() -> MutexGuard<'static, ()> {
+    ONE_VM.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The value of `key` (without its colon) in the text of a /proc file of `Key:  value` lines
+/// (status, smaps_rollup): its words joined by single spaces; None when there is no such key.
+pub fn proc_field(text: &str, key: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k == key).then(|| v.split_whitespace().collect::<Vec<_>>().join(" "))
+    })
+}
+
+/// `key` of /proc/PID/status (see `proc_field`); None when the process or the key is not there.
+pub fn proc_status(pid: u32, key: &str) -> Option<String> {
+    proc_field(
+        &std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?,
+        key,
+    )
+}
+
+/// A /proc size value (`1234 kB`) in KiB.
+pub fn kib(value: &str) -> Option<u64> {
+    value.strip_suffix(" kB")?.parse().ok()
+}
+
+/// The seed of a randomised test: `LEDGE_TEST_SEED` (hex with 0x, or decimal) when set, to
+/// replay a run, else `default` (each test derives its own, e.g. from the process id). Printed
+/// either way. Never 0 (an `Rng` cannot start from 0): a 0 or unreadable override fails.
+pub fn seed(test: &str, default: u64) -> u64 {
+    let (seed, from) = match std::env::var("LEDGE_TEST_SEED") {
+        Ok(v) => {
+            let t = v.trim();
+            let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+                Some(h) => u64::from_str_radix(h, 16).ok(),
+                None => t.parse().ok(),
+            };
+            match parsed {
+                Some(s) if s != 0 => (s, "from LEDGE_TEST_SEED"),
+                _ => {
+                    panic!("LEDGE_TEST_SEED={v:?}: not a nonzero number (hex with 0x, or decimal)")
+                }
+            }
+        }
+        Err(_) => (default, "replay with LEDGE_TEST_SEED"),
+    };
+    assert_ne!(seed, 0, "[{test}] the default seed must not be 0");
+    println!("[{test}] seed {seed:#x} ({from}={seed:#x})");
+    seed
+}
+
 /// A small deterministic generator (xorshift64*) for tests that act at random moments: a
-/// failing run can be replayed with the seed it printed. The seed must not be 0.
+/// failing run can be replayed with the seed it printed (see `seed`). The seed must not be 0.
 pub struct Rng(pub u64);
 
 impl Rng {
