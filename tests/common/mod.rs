@@ -64,24 +64,25 @@ pub fn kib(value: &str) -> Option<u64> {
     value.strip_suffix(" kB")?.parse().ok()
 }
 
+/// A number as the tests' reports and settings write it: decimal, or hex with 0x.
+pub fn parse_u64(v: &str) -> Option<u64> {
+    match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => v.parse().ok(),
+    }
+}
+
 /// The seed of a randomised test: `LEDGE_TEST_SEED` (hex with 0x, or decimal) when set, to
 /// replay a run, else `default` (each test derives its own, e.g. from the process id). Printed
 /// either way. Never 0 (an `Rng` cannot start from 0): a 0 or unreadable override fails.
 pub fn seed(test: &str, default: u64) -> u64 {
     let (seed, from) = match std::env::var("LEDGE_TEST_SEED") {
-        Ok(v) => {
-            let t = v.trim();
-            let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-                Some(h) => u64::from_str_radix(h, 16).ok(),
-                None => t.parse().ok(),
-            };
-            match parsed {
-                Some(s) if s != 0 => (s, "from LEDGE_TEST_SEED"),
-                _ => {
-                    panic!("LEDGE_TEST_SEED={v:?}: not a nonzero number (hex with 0x, or decimal)")
-                }
+        Ok(v) => match parse_u64(v.trim()) {
+            Some(s) if s != 0 => (s, "from LEDGE_TEST_SEED"),
+            _ => {
+                panic!("LEDGE_TEST_SEED={v:?}: not a nonzero number (hex with 0x, or decimal)")
             }
-        }
+        },
         Err(_) => (default, "replay with LEDGE_TEST_SEED"),
     };
     assert_ne!(seed, 0, "[{test}] the default seed must not be 0");

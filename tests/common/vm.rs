@@ -508,10 +508,7 @@ pub fn field(line: &str, key: &str) -> u64 {
         .split_whitespace()
         .find_map(|w| w.strip_prefix(key))
         .unwrap_or_else(|| panic!("no {key} in {line:?}"));
-    match v.strip_prefix("0x") {
-        Some(h) => u64::from_str_radix(h, 16).unwrap(),
-        None => v.parse().unwrap(),
-    }
+    super::parse_u64(v).unwrap_or_else(|| panic!("{key}{v} in {line:?} is not a number"))
 }
 
 pub fn image(path: &Path, bytes: u64) -> String {
