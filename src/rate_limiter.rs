@@ -116,6 +116,12 @@ impl RateLimiterConfig {
         }
     }
 
+    /// The limits as they are kept in a configuration: normalized, None when nothing is left.
+    pub fn effective(&self) -> Option<RateLimiterConfig> {
+        let n = self.normalized();
+        (!n.is_unlimited()).then_some(n)
+    }
+
     /// PATCH semantics: a bucket `update` gives replaces this one (a bucket of size 0 or
     /// refill time 0 removes it); a bucket it leaves out stays as it is.
     pub fn merged(&self, update: &RateLimiterConfig) -> RateLimiterConfig {
@@ -658,6 +664,25 @@ mod tests {
         assert_eq!(m.bandwidth, None);
         assert_eq!(m.ops, a.ops);
         assert!(RateLimiterConfig::default().is_unlimited());
+        assert_eq!(RateLimiterConfig::default().effective(), None);
+        assert_eq!(a.effective(), Some(a));
+        assert_eq!(m.effective(), Some(m));
+        let none_left = RateLimiterConfig {
+            bandwidth: Some(TokenBucketConfig::new(0, 100)),
+            ops: Some(TokenBucketConfig::new(5, 0)),
+        };
+        assert_eq!(none_left.effective(), None);
+        let one_left = RateLimiterConfig {
+            bandwidth: Some(TokenBucketConfig::new(0, 100)),
+            ops: a.ops,
+        };
+        assert_eq!(
+            one_left.effective(),
+            Some(RateLimiterConfig {
+                bandwidth: None,
+                ops: a.ops
+            })
+        );
         assert!(RateLimiterConfig {
             bandwidth: Some(TokenBucketConfig::new(0, 100)),
             ops: None
