@@ -390,10 +390,7 @@ impl Net {
             let mut popped = false;
             while let Some(chain) = a.tx.pop_descriptor_chain(&a.mem) {
                 if !limiter.is_unlimited() {
-                    let bytes = chain
-                        .clone()
-                        .fold(0u64, |n, d| n.saturating_add(u64::from(d.len())))
-                        .saturating_sub(VNET_HDR_LEN as u64);
+                    let bytes = super::chain_data_bytes(&chain, VNET_HDR_LEN as u64);
                     if !limiter.consume_request(bytes) {
                         // Back into the available ring; the timer resumes transmission.
                         a.tx.go_to_previous_position();
