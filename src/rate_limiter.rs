@@ -308,9 +308,13 @@ impl RateLimiter {
         self.timer.as_raw_fd()
     }
 
-    /// Takes one operation and `bytes` bytes together, or nothing (false, timer armed).
-    pub fn consume_request(&mut self, bytes: u64) -> bool {
-        self.consume_request_at(bytes, Instant::now())
+    /// Takes one operation and `bytes()` bytes together, or nothing (false, timer armed).
+    /// Without a bucket it says yes at once: neither the clock nor `bytes` is looked at.
+    pub fn consume_request(&mut self, bytes: impl FnOnce() -> u64) -> bool {
+        if self.is_unlimited() {
+            return true;
+        }
+        self.consume_request_at(bytes(), Instant::now())
     }
 
     fn consume_request_at(&mut self, bytes: u64, now: Instant) -> bool {
@@ -585,15 +589,19 @@ mod tests {
         .unwrap();
         assert!(rl.is_unlimited());
         assert_eq!(rl.config(), RateLimiterConfig::default());
-        assert!(rl.consume_request(u64::MAX));
+        assert!(rl.consume_request(|| u64::MAX));
+        assert!(
+            rl.consume_request(|| unreachable!("an unlimited limiter counts no bytes")),
+            "unlimited: nothing computed"
+        );
         // From unlimited to limited: a new, full bucket.
         rl.update_buckets(&RateLimiterConfig {
             bandwidth: None,
             ops: Some(TokenBucketConfig::new(1, 1000)),
         })
         .unwrap();
-        assert!(rl.consume_request(0));
-        assert!(!rl.consume_request(0));
+        assert!(rl.consume_request(|| 0));
+        assert!(!rl.consume_request(|| 0));
         assert!(rl.is_blocked());
         assert_eq!(
             rl.config(),
@@ -607,8 +615,8 @@ mod tests {
     #[test]
     fn a_blocked_limiter_wakes_through_its_timer() {
         let mut rl = limiter(None, Some((1, 0, 300)));
-        assert!(rl.consume_request(0));
-        assert!(!rl.consume_request(0));
+        assert!(rl.consume_request(|| 0));
+        assert!(!rl.consume_request(|| 0));
         assert!(rl.is_blocked());
         let mut pfd = libc::pollfd {
             fd: rl.timer_fd(),
@@ -620,11 +628,11 @@ mod tests {
         assert_eq!(r, 1, "the timer fires");
         rl.on_timer();
         assert!(!rl.is_blocked());
-        assert!(rl.consume_request(0));
+        assert!(rl.consume_request(|| 0));
         // A stale timer event does not block the reader.
         rl.on_timer();
         // An update while blocked fires the timer at once.
-        assert!(!rl.consume_request(0));
+        assert!(!rl.consume_request(|| 0));
         rl.update_buckets(&RateLimiterConfig {
             bandwidth: None,
             ops: Some(TokenBucketConfig::new(0, 0)),
@@ -634,7 +642,7 @@ mod tests {
         let r = unsafe { libc::poll(&mut pfd, 1, 2000) };
         assert_eq!(r, 1);
         rl.on_timer();
-        assert!(rl.consume_request(0));
+        assert!(rl.consume_request(|| 0));
     }
 
     #[test]

@@ -56,8 +56,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::tap::{Tap, TapError, VNET_HDR_LEN};
 use super::{
-    ActivateError, ActivateEvent, ActiveQueues, Interrupt, VirtioDevice, TOKEN_ACTIVATE,
-    TOKEN_BACKEND, TOKEN_QUEUE0, TYPE_NET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    chain_data_bytes, ActivateError, ActivateEvent, ActiveQueues, Interrupt, VirtioDevice,
+    TOKEN_ACTIVATE, TOKEN_BACKEND, TOKEN_QUEUE0, TYPE_NET, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::config::NetConfig;
 use crate::devices::state::{DeviceSnapshot, StateError};
@@ -344,7 +345,7 @@ impl Net {
             self.rx_pending = Some(len);
             if !self.rx_charged {
                 let lim = &mut self.rx_limiter;
-                if !lim.is_unlimited() && !lim.consume_request((len - VNET_HDR_LEN) as u64) {
+                if !lim.consume_request(|| (len - VNET_HDR_LEN) as u64) {
                     // Held until the timer; the TAP is unregistered meanwhile.
                     self.stats.rx_throttled += 1;
                     break;
@@ -389,14 +390,11 @@ impl Net {
         'outer: loop {
             let mut popped = false;
             while let Some(chain) = a.tx.pop_descriptor_chain(&a.mem) {
-                if !limiter.is_unlimited() {
-                    let bytes = super::chain_data_bytes(&chain, VNET_HDR_LEN as u64);
-                    if !limiter.consume_request(bytes) {
-                        // Back into the available ring; the timer resumes transmission.
-                        a.tx.go_to_previous_position();
-                        self.stats.tx_throttled += 1;
-                        break 'outer;
-                    }
+                if !limiter.consume_request(|| chain_data_bytes(&chain, VNET_HDR_LEN as u64)) {
+                    // Back into the available ring; the timer resumes transmission.
+                    a.tx.go_to_previous_position();
+                    self.stats.tx_throttled += 1;
+                    break 'outer;
                 }
                 popped = true;
                 let head = chain.head_index();

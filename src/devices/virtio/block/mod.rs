@@ -319,9 +319,7 @@ impl Block {
             }
             let popped_before = popped;
             while let Some(chain) = a.queue.pop_descriptor_chain(&a.mem) {
-                if !limiter.is_unlimited()
-                    && !limiter.consume_request(chain_data_bytes(&chain, NOT_DATA_LEN))
-                {
+                if !limiter.consume_request(|| chain_data_bytes(&chain, NOT_DATA_LEN)) {
                     // Back into the available ring, untouched; the timer resumes the queue.
                     a.queue.go_to_previous_position();
                     disk.stats.throttled += 1;
