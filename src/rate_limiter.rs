@@ -266,14 +266,8 @@ impl RateLimiter {
     /// A limiter with `cfg`'s buckets (none: it lets everything through) and its timer.
     pub fn new(cfg: &RateLimiterConfig) -> Result<RateLimiter, RateLimiterError> {
         cfg.validate("rate_limiter")?;
+        // Never read (see `on_timer`), so it needs no O_NONBLOCK.
         let timer = TimerFd::new().map_err(|e| RateLimiterError::Timer(e.into()))?;
-        // The event loop reads the timer only when epoll says so, but a non-blocking read
-        // can never stall the VMM thread whatever happens in between.
-        // SAFETY: fcntl on an fd this TimerFd owns; F_SETFL with O_NONBLOCK touches no memory.
-        let r = unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
-        if r < 0 {
-            return Err(RateLimiterError::Timer(std::io::Error::last_os_error()));
-        }
         let now = Instant::now();
         let cfg = cfg.normalized();
         Ok(RateLimiter {
@@ -350,10 +344,18 @@ impl RateLimiter {
         }
     }
 
-    /// The timer fired: clear it; the device may take work again.
+    /// The timer fired: disarm it; the device may take work again (and re-arms it through
+    /// `block_for` if it is refused again).
+    ///
+    /// Disarming (timerfd_settime) also zeroes the expiration count, which is what makes the
+    /// fd readable: the timer is never read, so nothing can block on it, and the fd is not
+    /// readable any more whatever the device does next (it may be inactive and not look at
+    /// its limiter at all), so the level-triggered event loop does not see it again. A
+    /// stale event finds a disarmed timer and only unblocks the device, which looks again.
     pub fn on_timer(&mut self) {
-        // Non-blocking: nothing to read (a stale event) is fine.
-        let _ = self.timer.wait();
+        if let Err(e) = self.timer.clear() {
+            log::error!("rate limiter: cannot disarm the timer: {e}");
+        }
         self.blocked = false;
     }
 
@@ -628,9 +630,13 @@ mod tests {
         assert_eq!(r, 1, "the timer fires");
         rl.on_timer();
         assert!(!rl.is_blocked());
+        // SAFETY: as above.
+        let r = unsafe { libc::poll(&mut pfd, 1, 0) };
+        assert_eq!(r, 0, "not readable after on_timer: no busy event loop");
         assert!(rl.consume_request(|| 0));
-        // A stale timer event does not block the reader.
+        // A stale timer event does not block (or break) anything.
         rl.on_timer();
+        assert!(!rl.is_blocked());
         // An update while blocked fires the timer at once.
         assert!(!rl.consume_request(|| 0));
         rl.update_buckets(&RateLimiterConfig {
