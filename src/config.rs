@@ -370,7 +370,8 @@ impl LimitKeys {
                 out.ops = bucket;
             }
         }
-        Ok((out != RateLimiterConfig::default()).then_some(out))
+        // Every bucket given has a size and a refill time above 0 (`take` refuses 0): it limits.
+        Ok(out.effective())
     }
 }
 

@@ -525,7 +525,7 @@ impl Controller {
         let now = vmm
             .update_rate_limiter(&name, "rate_limiter", &update)
             .map_err(|e| ApiError::bad_request(error_chain(&e)))?;
-        let now = (!now.is_unlimited()).then_some(now);
+        let now = now.effective();
         vmm.set_disk_limiter(index, now);
         self.config.disks[index].rate_limiter = now;
         log::info!("drive {}: rate limiter now {now:?}", p.drive_id);
@@ -547,7 +547,7 @@ impl Controller {
                 let now = vmm
                     .update_rate_limiter(&name, field, u)
                     .map_err(|e| ApiError::bad_request(error_chain(&e)))?;
-                done[slot] = Some((!now.is_unlimited()).then_some(now));
+                done[slot] = Some(now.effective());
             }
         }
         let [rx, tx] = done;

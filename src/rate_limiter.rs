@@ -116,6 +116,12 @@ impl RateLimiterConfig {
         }
     }
 
+    /// The limits as they are kept in a configuration: normalized, None when nothing is left.
+    pub fn effective(&self) -> Option<RateLimiterConfig> {
+        let n = self.normalized();
+        (!n.is_unlimited()).then_some(n)
+    }
+
     /// PATCH semantics: a bucket `update` gives replaces this one (a bucket of size 0 or
     /// refill time 0 removes it); a bucket it leaves out stays as it is.
     pub fn merged(&self, update: &RateLimiterConfig) -> RateLimiterConfig {
@@ -125,13 +131,6 @@ impl RateLimiterConfig {
         }
         .normalized()
     }
-}
-
-/// What a token stands for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TokenKind {
-    Bytes,
-    Ops,
 }
 
 /// One live bucket (only for a configuration that limits something).
@@ -231,13 +230,6 @@ impl TokenBucket {
         }
     }
 
-    /// Puts back `n` tokens (a request that was charged but not served), up to `size`.
-    fn give_back(&mut self, n: u64) {
-        let paid = n.min(self.debt);
-        self.debt -= paid;
-        self.budget = self.budget.saturating_add(n - paid).min(self.size);
-    }
-
     /// New limits, keeping what is in the bucket and what is left of the burst (each capped
     /// by the new limits), as Firecracker does on PATCH.
     fn reconfigure(&mut self, cfg: &TokenBucketConfig, now: Instant) {
@@ -274,14 +266,8 @@ impl RateLimiter {
     /// A limiter with `cfg`'s buckets (none: it lets everything through) and its timer.
     pub fn new(cfg: &RateLimiterConfig) -> Result<RateLimiter, RateLimiterError> {
         cfg.validate("rate_limiter")?;
+        // Never read (see `on_timer`), so it needs no O_NONBLOCK.
         let timer = TimerFd::new().map_err(|e| RateLimiterError::Timer(e.into()))?;
-        // The event loop reads the timer only when epoll says so, but a non-blocking read
-        // can never stall the VMM thread whatever happens in between.
-        // SAFETY: fcntl on an fd this TimerFd owns; F_SETFL with O_NONBLOCK touches no memory.
-        let r = unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
-        if r < 0 {
-            return Err(RateLimiterError::Timer(std::io::Error::last_os_error()));
-        }
         let now = Instant::now();
         let cfg = cfg.normalized();
         Ok(RateLimiter {
@@ -316,38 +302,13 @@ impl RateLimiter {
         self.timer.as_raw_fd()
     }
 
-    /// Takes `tokens` of one kind; false (and the timer armed) when the bucket lacks them.
-    pub fn consume(&mut self, tokens: u64, kind: TokenKind) -> bool {
-        self.consume_at(tokens, kind, Instant::now())
-    }
-
-    /// Takes one operation and `bytes` bytes together, or nothing (false, timer armed).
-    pub fn consume_request(&mut self, bytes: u64) -> bool {
-        self.consume_request_at(bytes, Instant::now())
-    }
-
-    fn bucket(&mut self, kind: TokenKind) -> Option<&mut TokenBucket> {
-        match kind {
-            TokenKind::Bytes => self.bandwidth.as_mut(),
-            TokenKind::Ops => self.ops.as_mut(),
-        }
-    }
-
-    fn consume_at(&mut self, tokens: u64, kind: TokenKind, now: Instant) -> bool {
-        let Some(b) = self.bucket(kind) else {
+    /// Takes one operation and `bytes()` bytes together, or nothing (false, timer armed).
+    /// Without a bucket it says yes at once: neither the clock nor `bytes` is looked at.
+    pub fn consume_request(&mut self, bytes: impl FnOnce() -> u64) -> bool {
+        if self.is_unlimited() {
             return true;
-        };
-        b.refill(now);
-        match b.check(tokens, now) {
-            Check::Ok => {
-                b.take(tokens);
-                true
-            }
-            Check::Wait(d) => {
-                self.block_for(d);
-                false
-            }
         }
+        self.consume_request_at(bytes(), Instant::now())
     }
 
     fn consume_request_at(&mut self, bytes: u64, now: Instant) -> bool {
@@ -373,13 +334,6 @@ impl RateLimiter {
         true
     }
 
-    /// Puts back tokens taken for work that was not done.
-    pub fn give_back(&mut self, tokens: u64, kind: TokenKind) {
-        if let Some(b) = self.bucket(kind) {
-            b.give_back(tokens);
-        }
-    }
-
     fn block_for(&mut self, d: Duration) {
         self.blocked = true;
         let d = d.clamp(MIN_WAIT, MAX_WAIT);
@@ -390,10 +344,18 @@ impl RateLimiter {
         }
     }
 
-    /// The timer fired: clear it; the device may take work again.
+    /// The timer fired: disarm it; the device may take work again (and re-arms it through
+    /// `block_for` if it is refused again).
+    ///
+    /// Disarming (timerfd_settime) also zeroes the expiration count, which is what makes the
+    /// fd readable: the timer is never read, so nothing can block on it, and the fd is not
+    /// readable any more whatever the device does next (it may be inactive and not look at
+    /// its limiter at all), so the level-triggered event loop does not see it again. A
+    /// stale event finds a disarmed timer and only unblocks the device, which looks again.
     pub fn on_timer(&mut self) {
-        // Non-blocking: nothing to read (a stale event) is fine.
-        let _ = self.timer.wait();
+        if let Err(e) = self.timer.clear() {
+            log::error!("rate limiter: cannot disarm the timer: {e}");
+        }
         self.blocked = false;
     }
 
@@ -441,11 +403,12 @@ mod tests {
         .unwrap()
     }
 
-    fn bucket(rl: &RateLimiter, kind: TokenKind) -> &TokenBucket {
-        match kind {
-            TokenKind::Bytes => rl.bandwidth.as_ref().unwrap(),
-            TokenKind::Ops => rl.ops.as_ref().unwrap(),
-        }
+    fn bw(rl: &RateLimiter) -> &TokenBucket {
+        rl.bandwidth.as_ref().unwrap()
+    }
+
+    fn ops(rl: &RateLimiter) -> &TokenBucket {
+        rl.ops.as_ref().unwrap()
     }
 
     fn start(rl: &RateLimiter) -> Instant {
@@ -463,25 +426,25 @@ mod tests {
         // 1000 bytes per 100 ms = 10 000 bytes/s.
         let mut rl = limiter(Some((1000, 0, 100)), None);
         let t0 = start(&rl);
-        assert!(rl.consume_at(1000, TokenKind::Bytes, t0));
-        assert!(!rl.consume_at(1, TokenKind::Bytes, t0));
+        assert!(rl.consume_request_at(1000, t0));
+        assert!(!rl.consume_request_at(1, t0));
         assert!(rl.is_blocked());
         // 10 ms earn 100 tokens, not 101.
-        assert!(rl.consume_at(100, TokenKind::Bytes, t0 + 10 * MS));
-        assert!(!rl.consume_at(1, TokenKind::Bytes, t0 + 10 * MS));
+        assert!(rl.consume_request_at(100, t0 + 10 * MS));
+        assert!(!rl.consume_request_at(1, t0 + 10 * MS));
         // Fractions carry over: 0.1 ms (1 token) at a time, 10 times.
         let mut t = t0 + 10 * MS;
         for _ in 0..10 {
             t += Duration::from_micros(100);
-            assert!(rl.consume_at(1, TokenKind::Bytes, t));
+            assert!(rl.consume_request_at(1, t));
         }
         // Over a long run the rate is exact: 10 s of 250-byte requests.
         let mut served = 0u64;
         let mut t = t + 200 * MS; // refilled completely
-        assert!(rl.consume_at(1000, TokenKind::Bytes, t));
+        assert!(rl.consume_request_at(1000, t));
         let end = t + Duration::from_secs(10);
         while t < end {
-            if rl.consume_at(250, TokenKind::Bytes, t) {
+            if rl.consume_request_at(250, t) {
                 served += 250;
             } else {
                 t += Duration::from_micros(500);
@@ -494,8 +457,8 @@ mod tests {
     fn refused_requests_say_how_long_to_wait() {
         let mut rl = limiter(Some((1000, 0, 100)), None);
         let t0 = start(&rl);
-        assert!(rl.consume_at(1000, TokenKind::Bytes, t0));
-        let b = bucket(&rl, TokenKind::Bytes);
+        assert!(rl.consume_request_at(1000, t0));
+        let b = bw(&rl);
         match b.check(500, t0) {
             Check::Wait(d) => assert_eq!(d, 50 * MS),
             Check::Ok => panic!("empty bucket"),
@@ -511,12 +474,12 @@ mod tests {
     fn one_time_burst_is_spent_first_and_never_refilled() {
         let mut rl = limiter(Some((100, 500, 1000)), None);
         let t0 = start(&rl);
-        assert!(rl.consume_at(550, TokenKind::Bytes, t0)); // 500 burst + 50 budget
-        assert_eq!(bucket(&rl, TokenKind::Bytes).burst, 0);
-        assert_eq!(bucket(&rl, TokenKind::Bytes).budget, 50);
+        assert!(rl.consume_request_at(550, t0)); // 500 burst + 50 budget
+        assert_eq!(bw(&rl).burst, 0);
+        assert_eq!(bw(&rl).budget, 50);
         let t = t0 + Duration::from_secs(100);
-        assert!(rl.consume_at(100, TokenKind::Bytes, t));
-        assert!(!rl.consume_at(1, TokenKind::Bytes, t));
+        assert!(rl.consume_request_at(100, t));
+        assert!(!rl.consume_request_at(1, t));
     }
 
     #[test]
@@ -524,14 +487,14 @@ mod tests {
         // 100 tokens per second; a request of 350.
         let mut rl = limiter(Some((100, 0, 1000)), None);
         let t0 = start(&rl);
-        assert!(rl.consume_at(350, TokenKind::Bytes, t0));
-        assert_eq!(bucket(&rl, TokenKind::Bytes).debt, 250);
+        assert!(rl.consume_request_at(350, t0));
+        assert_eq!(bw(&rl).debt, 250);
         // The debt takes 2.5 s, then 1 s for the bucket to be full again.
-        assert!(!rl.consume_at(350, TokenKind::Bytes, t0 + 3400 * MS));
-        assert!(rl.consume_at(350, TokenKind::Bytes, t0 + 3500 * MS));
+        assert!(!rl.consume_request_at(350, t0 + 3400 * MS));
+        assert!(rl.consume_request_at(350, t0 + 3500 * MS));
         // A small request waits for the debt too.
-        assert!(!rl.consume_at(1, TokenKind::Bytes, t0 + 5990 * MS));
-        assert!(rl.consume_at(1, TokenKind::Bytes, t0 + 6010 * MS));
+        assert!(!rl.consume_request_at(1, t0 + 5990 * MS));
+        assert!(rl.consume_request_at(1, t0 + 6010 * MS));
     }
 
     #[test]
@@ -542,15 +505,13 @@ mod tests {
         assert!(rl.consume_request_at(100, t0));
         assert!(rl.consume_request_at(100, t0));
         assert!(!rl.consume_request_at(100, t0));
-        assert_eq!(bucket(&rl, TokenKind::Bytes).budget, 800, "no bytes taken");
+        assert_eq!(bw(&rl).budget, 800, "no bytes taken");
         let t = t0 + Duration::from_secs(1);
         assert!(!rl.consume_request_at(900, t), "810 bytes, 900 asked");
-        assert_eq!(bucket(&rl, TokenKind::Ops).budget, 2, "no op taken");
+        assert_eq!(ops(&rl).budget, 2, "no op taken");
         assert!(rl.consume_request_at(800, t));
-        rl.give_back(800, TokenKind::Bytes);
-        rl.give_back(1, TokenKind::Ops);
-        assert_eq!(bucket(&rl, TokenKind::Bytes).budget, 810);
-        assert_eq!(bucket(&rl, TokenKind::Ops).budget, 2);
+        assert_eq!(bw(&rl).budget, 10, "both taken together");
+        assert_eq!(ops(&rl).budget, 1);
     }
 
     #[test]
@@ -574,10 +535,9 @@ mod tests {
                 (0, Duration::ZERO),
             ] {
                 let t = t0.checked_add(dt).unwrap_or(t0);
-                let _ = rl.consume_at(n, TokenKind::Bytes, t);
                 let _ = rl.consume_request_at(n, t);
-                rl.give_back(n, TokenKind::Ops);
-                let _ = bucket(&rl, TokenKind::Bytes).check(m, t);
+                let _ = rl.consume_request_at(n, t);
+                let _ = bw(&rl).check(m, t);
             }
             rl.update_buckets(&RateLimiterConfig {
                 bandwidth: Some(TokenBucketConfig::new(m, m)),
@@ -590,8 +550,8 @@ mod tests {
         // the wait is capped by block_for, the computation itself does not overflow.
         let mut rl = limiter(Some((2, 0, m)), None);
         let t0 = start(&rl);
-        assert!(rl.consume_at(2, TokenKind::Bytes, t0));
-        assert!(!rl.consume_at(1, TokenKind::Bytes, t0 + Duration::from_secs(3600)));
+        assert!(rl.consume_request_at(2, t0));
+        assert!(!rl.consume_request_at(1, t0 + Duration::from_secs(3600)));
     }
 
     #[test]
@@ -599,23 +559,24 @@ mod tests {
         // 1 token per 100 ms: the few microseconds between calls earn nothing.
         let mut rl = limiter(Some((1000, 300, 100_000)), Some((10, 0, 1000)));
         let t0 = start(&rl);
-        assert!(rl.consume_at(700, TokenKind::Bytes, t0)); // burst 300 + budget 400
-                                                           // Bigger bucket: the 600 left stay 600 (not refilled to full).
+        // 700 bytes: burst 300 + budget 400.
+        assert!(rl.consume_request_at(700, t0));
+        // Bigger bucket: the 600 left stay 600 (not refilled to full).
         rl.update_buckets(&RateLimiterConfig {
             bandwidth: Some(TokenBucketConfig::new(5000, 100)),
             ops: None,
         })
         .unwrap();
-        let b = bucket(&rl, TokenKind::Bytes);
+        let b = bw(&rl);
         assert_eq!((b.size, b.budget, b.burst), (5000, 600, 0));
-        assert_eq!(bucket(&rl, TokenKind::Ops).size, 10, "ops left out: kept");
+        assert_eq!(ops(&rl).size, 10, "ops left out: kept");
         // Smaller bucket: capped.
         rl.update_buckets(&RateLimiterConfig {
             bandwidth: Some(TokenBucketConfig::new(100, 100)),
             ops: None,
         })
         .unwrap();
-        assert_eq!(bucket(&rl, TokenKind::Bytes).budget, 100);
+        assert_eq!(bw(&rl).budget, 100);
         // Size 0 removes the ops bucket; refill 0 the bandwidth one.
         rl.update_buckets(&RateLimiterConfig {
             bandwidth: None,
@@ -630,15 +591,19 @@ mod tests {
         .unwrap();
         assert!(rl.is_unlimited());
         assert_eq!(rl.config(), RateLimiterConfig::default());
-        assert!(rl.consume_request(u64::MAX));
+        assert!(rl.consume_request(|| u64::MAX));
+        assert!(
+            rl.consume_request(|| unreachable!("an unlimited limiter counts no bytes")),
+            "unlimited: nothing computed"
+        );
         // From unlimited to limited: a new, full bucket.
         rl.update_buckets(&RateLimiterConfig {
             bandwidth: None,
             ops: Some(TokenBucketConfig::new(1, 1000)),
         })
         .unwrap();
-        assert!(rl.consume_request(0));
-        assert!(!rl.consume_request(0));
+        assert!(rl.consume_request(|| 0));
+        assert!(!rl.consume_request(|| 0));
         assert!(rl.is_blocked());
         assert_eq!(
             rl.config(),
@@ -652,8 +617,8 @@ mod tests {
     #[test]
     fn a_blocked_limiter_wakes_through_its_timer() {
         let mut rl = limiter(None, Some((1, 0, 300)));
-        assert!(rl.consume(1, TokenKind::Ops));
-        assert!(!rl.consume(1, TokenKind::Ops));
+        assert!(rl.consume_request(|| 0));
+        assert!(!rl.consume_request(|| 0));
         assert!(rl.is_blocked());
         let mut pfd = libc::pollfd {
             fd: rl.timer_fd(),
@@ -665,11 +630,15 @@ mod tests {
         assert_eq!(r, 1, "the timer fires");
         rl.on_timer();
         assert!(!rl.is_blocked());
-        assert!(rl.consume(1, TokenKind::Ops));
-        // A stale timer event does not block the reader.
+        // SAFETY: as above.
+        let r = unsafe { libc::poll(&mut pfd, 1, 0) };
+        assert_eq!(r, 0, "not readable after on_timer: no busy event loop");
+        assert!(rl.consume_request(|| 0));
+        // A stale timer event does not block (or break) anything.
         rl.on_timer();
+        assert!(!rl.is_blocked());
         // An update while blocked fires the timer at once.
-        assert!(!rl.consume(1, TokenKind::Ops));
+        assert!(!rl.consume_request(|| 0));
         rl.update_buckets(&RateLimiterConfig {
             bandwidth: None,
             ops: Some(TokenBucketConfig::new(0, 0)),
@@ -679,7 +648,7 @@ mod tests {
         let r = unsafe { libc::poll(&mut pfd, 1, 2000) };
         assert_eq!(r, 1);
         rl.on_timer();
-        assert!(rl.consume(1, TokenKind::Ops));
+        assert!(rl.consume_request(|| 0));
     }
 
     #[test]
@@ -709,6 +678,25 @@ mod tests {
         assert_eq!(m.bandwidth, None);
         assert_eq!(m.ops, a.ops);
         assert!(RateLimiterConfig::default().is_unlimited());
+        assert_eq!(RateLimiterConfig::default().effective(), None);
+        assert_eq!(a.effective(), Some(a));
+        assert_eq!(m.effective(), Some(m));
+        let none_left = RateLimiterConfig {
+            bandwidth: Some(TokenBucketConfig::new(0, 100)),
+            ops: Some(TokenBucketConfig::new(5, 0)),
+        };
+        assert_eq!(none_left.effective(), None);
+        let one_left = RateLimiterConfig {
+            bandwidth: Some(TokenBucketConfig::new(0, 100)),
+            ops: a.ops,
+        };
+        assert_eq!(
+            one_left.effective(),
+            Some(RateLimiterConfig {
+                bandwidth: None,
+                ops: a.ops
+            })
+        );
         assert!(RateLimiterConfig {
             bandwidth: Some(TokenBucketConfig::new(0, 100)),
             ops: None

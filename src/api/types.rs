@@ -108,8 +108,7 @@ fn accepted_limiter(field: &str, r: &Option<RateLimiter>) -> Result<Option<RateL
         Some(r) => {
             r.validate(field)
                 .map_err(|e| ApiError::bad_request(e.to_string()))?;
-            let n = r.normalized();
-            Ok((!n.is_unlimited()).then_some(n))
+            Ok(r.effective())
         }
     }
 }

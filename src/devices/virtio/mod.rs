@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use crate::devices::state::{DeviceSnapshot, StateError};
 use crate::kvm::memory::GuestMemoryMmap;
 use event_manager::{EventOps, Events};
-use virtio_queue::{Queue, QueueState, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueState, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -230,6 +230,16 @@ pub fn rewound_state(queue: &Queue, held: u16) -> QueueState {
     let mut s = queue.state();
     s.next_avail = queue.next_avail().wrapping_sub(held);
     s
+}
+
+/// What a chain costs a bandwidth bucket: the lengths of its descriptors, less `overhead`
+/// (the bytes of the device's own headers and status, which are not data). Looks at the
+/// descriptors only; the walk is bounded by virtio-queue (at most the queue size, loops cut).
+pub fn chain_data_bytes(chain: &DescriptorChain<&GuestMemoryMmap>, overhead: u64) -> u64 {
+    chain
+        .clone()
+        .fold(0u64, |n, d| n.saturating_add(u64::from(d.len())))
+        .saturating_sub(overhead)
 }
 
 /// Converts a little-endian config space into a read at `offset`, zero past its end.
@@ -547,6 +557,34 @@ mod tests {
         assert_eq!(d, [0; 4]);
         read_config_bytes(&cfg, u64::MAX, &mut d);
         assert_eq!(d, [0; 4]);
+    }
+
+    #[test]
+    fn chain_data_bytes_sums_the_descriptors_less_the_overhead() {
+        use test_utils::{memory, queue_from_mock};
+        use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+        use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+        use virtio_queue::mock::MockSplitQueue;
+        use virtio_queue::QueueOwnedT;
+
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        let (n, w) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
+        mock.build_desc_chain(&[
+            RawDescriptor::from(SplitDescriptor::new(0x8000, 16, n, 1)),
+            RawDescriptor::from(SplitDescriptor::new(0x9000, 4096, n | w, 2)),
+            RawDescriptor::from(SplitDescriptor::new(0x10000, 0x10000, n | w, 3)),
+            RawDescriptor::from(SplitDescriptor::new(0x20000, 1, w, 0)),
+        ])
+        .unwrap();
+        let mut q = queue_from_mock(&mock, 16);
+        let chain = q.iter(&mem).unwrap().next().unwrap();
+        let total = 16 + 4096 + 0x10000 + 1;
+        assert_eq!(chain_data_bytes(&chain, 0), total);
+        assert_eq!(chain_data_bytes(&chain, 17), total - 17);
+        assert_eq!(chain_data_bytes(&chain, u64::MAX), 0, "never below 0");
+        // The chain itself is not consumed: the device serves it afterwards.
+        assert_eq!(chain.count(), 4);
     }
 
     #[test]

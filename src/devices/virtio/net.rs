@@ -56,8 +56,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::tap::{Tap, TapError, VNET_HDR_LEN};
 use super::{
-    ActivateError, ActivateEvent, ActiveQueues, Interrupt, VirtioDevice, TOKEN_ACTIVATE,
-    TOKEN_BACKEND, TOKEN_QUEUE0, TYPE_NET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    chain_data_bytes, ActivateError, ActivateEvent, ActiveQueues, Interrupt, VirtioDevice,
+    TOKEN_ACTIVATE, TOKEN_BACKEND, TOKEN_QUEUE0, TYPE_NET, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::config::NetConfig;
 use crate::devices::state::{DeviceSnapshot, StateError};
@@ -182,6 +183,12 @@ struct Active {
     rx_added: Wrapping<u16>,
 }
 
+/// A limiter for `cfg` (None: unlimited); `which` names it in the error.
+fn limiter(which: &'static str, cfg: Option<RateLimiterConfig>) -> Result<RateLimiter, NetError> {
+    RateLimiter::new(&cfg.unwrap_or_default())
+        .map_err(|source| NetError::RateLimiter { which, source })
+}
+
 /// The virtio-net device.
 pub struct Net {
     backend: Backend,
@@ -234,24 +241,12 @@ impl Net {
             cfg.tap,
             crate::config::MacAddr(mac)
         );
-        let mut net = Self::build(Backend::Tap(tap), mac, features)?;
-        net.set_limits(cfg.rx_rate_limiter, cfg.tx_rate_limiter)?;
-        Ok(net)
-    }
-
-    /// Replaces both limiters (with fresh, full buckets).
-    fn set_limits(
-        &mut self,
-        rx: Option<RateLimiterConfig>,
-        tx: Option<RateLimiterConfig>,
-    ) -> Result<(), NetError> {
-        let make = |which, c: Option<RateLimiterConfig>| {
-            RateLimiter::new(&c.unwrap_or_default())
-                .map_err(|source| NetError::RateLimiter { which, source })
-        };
-        self.rx_limiter = make("receive", rx)?;
-        self.tx_limiter = make("transmit", tx)?;
-        Ok(())
+        Self::build(
+            Backend::Tap(tap),
+            mac,
+            features,
+            [cfg.rx_rate_limiter, cfg.tx_rate_limiter],
+        )
     }
 
     /// A device on a caller-provided, non-blocking fd that behaves like a TAP with a 12-byte
@@ -261,18 +256,21 @@ impl Net {
         for (_, feature) in RX_OFFLOADS {
             features |= bit(feature);
         }
-        Self::build(Backend::File(file), mac, features)
+        Self::build(Backend::File(file), mac, features, [None, None])
     }
 
-    fn build(backend: Backend, mac: [u8; 6], avail_features: u64) -> Result<Net, NetError> {
-        let unlimited = |which| {
-            RateLimiter::new(&RateLimiterConfig::default())
-                .map_err(|source| NetError::RateLimiter { which, source })
-        };
+    /// `limits` are the receive and transmit limiters' (None: unlimited).
+    fn build(
+        backend: Backend,
+        mac: [u8; 6],
+        avail_features: u64,
+        limits: [Option<RateLimiterConfig>; 2],
+    ) -> Result<Net, NetError> {
+        let [rx, tx] = limits;
         Ok(Net {
             rx_charged: false,
-            rx_limiter: unlimited("receive")?,
-            tx_limiter: unlimited("transmit")?,
+            rx_limiter: limiter("receive", rx)?,
+            tx_limiter: limiter("transmit", tx)?,
             backend,
             mac,
             avail_features,
@@ -347,7 +345,7 @@ impl Net {
             self.rx_pending = Some(len);
             if !self.rx_charged {
                 let lim = &mut self.rx_limiter;
-                if !lim.is_unlimited() && !lim.consume_request((len - VNET_HDR_LEN) as u64) {
+                if !lim.consume_request(|| (len - VNET_HDR_LEN) as u64) {
                     // Held until the timer; the TAP is unregistered meanwhile.
                     self.stats.rx_throttled += 1;
                     break;
@@ -392,17 +390,11 @@ impl Net {
         'outer: loop {
             let mut popped = false;
             while let Some(chain) = a.tx.pop_descriptor_chain(&a.mem) {
-                if !limiter.is_unlimited() {
-                    let bytes = chain
-                        .clone()
-                        .fold(0u64, |n, d| n.saturating_add(u64::from(d.len())))
-                        .saturating_sub(VNET_HDR_LEN as u64);
-                    if !limiter.consume_request(bytes) {
-                        // Back into the available ring; the timer resumes transmission.
-                        a.tx.go_to_previous_position();
-                        self.stats.tx_throttled += 1;
-                        break 'outer;
-                    }
+                if !limiter.consume_request(|| chain_data_bytes(&chain, VNET_HDR_LEN as u64)) {
+                    // Back into the available ring; the timer resumes transmission.
+                    a.tx.go_to_previous_position();
+                    self.stats.tx_throttled += 1;
+                    break 'outer;
                 }
                 popped = true;
                 let head = chain.head_index();
@@ -1228,7 +1220,8 @@ mod tests {
             bandwidth: None,
             ops: Some(TokenBucketConfig::new(1, 150)),
         });
-        net.set_limits(one_per_150ms, one_per_150ms).unwrap();
+        net.rx_limiter = limiter("receive", one_per_150ms).unwrap();
+        net.tx_limiter = limiter("transmit", one_per_150ms).unwrap();
         let mut r = rig_with(&mem, 16, 0, false, net, peer);
 
         let (p1, p2) = (packet(100, 1), packet(100, 2));

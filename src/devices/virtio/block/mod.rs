@@ -51,8 +51,8 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    single_queue_event, ActivateError, ActivateEvent, ActiveQueues, Interrupt, VirtioDevice,
-    TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    chain_data_bytes, single_queue_event, ActivateError, ActivateEvent, ActiveQueues, Interrupt,
+    VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::config::DiskConfig;
 use crate::devices::state::{DeviceSnapshot, StateError};
@@ -66,6 +66,9 @@ pub const SECTOR_SIZE: u64 = 512;
 pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// Length of the request header (`struct virtio_blk_outhdr`).
 const HEADER_LEN: usize = std::mem::size_of::<virtio_blk_outhdr>();
+/// The bytes of a chain that are not data (the header and the status byte): the rate
+/// limiter charges the rest.
+const NOT_DATA_LEN: u64 = HEADER_LEN as u64 + 1;
 /// Length of the GET_ID answer.
 const ID_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
 /// Bounce buffer between the file and guest memory.
@@ -316,7 +319,7 @@ impl Block {
             }
             let popped_before = popped;
             while let Some(chain) = a.queue.pop_descriptor_chain(&a.mem) {
-                if !limiter.is_unlimited() && !limiter.consume_request(request_bytes(&chain)) {
+                if !limiter.consume_request(|| chain_data_bytes(&chain, NOT_DATA_LEN)) {
                     // Back into the available ring, untouched; the timer resumes the queue.
                     a.queue.go_to_previous_position();
                     disk.stats.throttled += 1;
@@ -365,16 +368,6 @@ impl Block {
         }
         used
     }
-}
-
-/// What a chain costs the bandwidth bucket: its descriptors' bytes less the header and the
-/// status byte (the data of a read or write). Looks at the descriptors only; the walk is
-/// bounded by virtio-queue (at most the queue size, loops cut).
-fn request_bytes(chain: &virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u64 {
-    chain
-        .clone()
-        .fold(0u64, |n, d| n.saturating_add(u64::from(d.len())))
-        .saturating_sub(HEADER_LEN as u64 + 1)
 }
 
 /// The configuration space (§5.2.4), little-endian, laid out as `struct virtio_blk_config`.
