@@ -39,6 +39,8 @@ use std::path::{Component, Path, PathBuf};
 
 use clap::Args;
 
+use crate::config::parse_bytes;
+
 /// Where jails live unless `--root-base` says otherwise.
 pub const DEFAULT_ROOT_BASE: &str = "/srv/ledge";
 /// The parent cgroup unless `--parent-cgroup` says otherwise.
@@ -75,7 +77,7 @@ pub enum JailError {
         "bad --parent-cgroup {0:?}: use a path of plain names, like /ledge or ledge (no . or ..)"
     )]
     BadParent(String),
-    #[error("bad --run-size {0:?}: give bytes (at least 64K), with an optional K, M or G")]
+    #[error("bad --run-size {0:?}: give bytes (at least 64K), with an optional K, M, G or T (or KiB, MiB...)")]
     BadRunSize(String),
     #[error("bad --root-base {0:?}: give an absolute directory")]
     BadRootBase(PathBuf),
@@ -258,7 +260,11 @@ fn parse_rlimits(specs: &[String]) -> Result<Vec<(Rlimit, u64)>, JailError> {
             },
             "fsize" => match parse_bytes(value) {
                 Some(n) => (Rlimit::Fsize, n),
-                None => return Err(bad("give bytes, with an optional K, M, G or T")),
+                None => {
+                    return Err(bad(
+                        "give bytes, with an optional K, M, G or T (or KiB, MiB...)",
+                    ))
+                }
             },
             k => return Err(bad(&format!("unknown key {k:?}: use nofile or fsize"))),
         };
@@ -407,17 +413,6 @@ fn runtime_files(exe: &Path, maps: &str) -> Result<Vec<JailFile>, JailError> {
     Ok(v)
 }
 
-fn parse_bytes(v: &str) -> Option<u64> {
-    let (num, mult) = match v.as_bytes().last()? {
-        b'K' | b'k' => (&v[..v.len() - 1], 1u64 << 10),
-        b'M' | b'm' => (&v[..v.len() - 1], 1 << 20),
-        b'G' | b'g' => (&v[..v.len() - 1], 1 << 30),
-        b'T' | b't' => (&v[..v.len() - 1], 1 << 40),
-        _ => (v, 1),
-    };
-    num.parse::<u64>().ok()?.checked_mul(mult)
-}
-
 /// Parses the `--cgroup` values.
 pub fn parse_limits(specs: &[String]) -> Result<Limits, JailError> {
     let mut l = Limits::default();
@@ -438,9 +433,9 @@ pub fn parse_limits(specs: &[String]) -> Result<Limits, JailError> {
                     match parse_bytes(value) {
                         Some(b) if b >= 1 << 20 => Max::Value(b),
                         Some(_) => return Err(bad("at least 1M: the VMM cannot start in less")),
-                        None => {
-                            return Err(bad("give bytes, with an optional K, M, G or T, or max"))
-                        }
+                        None => return Err(bad(
+                            "give bytes, with an optional K, M, G or T (or KiB, MiB...), or max",
+                        )),
                     }
                 };
                 l.memory_max = Some(m);
@@ -1836,6 +1831,44 @@ mod tests {
                 args(&["--parent-cgroup", p, "--", "run"]),
                 Err(JailError::BadParent(_))
             ));
+        }
+    }
+
+    /// The jail's byte sizes take the same spellings as the VMM's (`--disk bw=16MiB`).
+    #[test]
+    fn byte_sizes_take_both_spellings() {
+        for (v, n) in [
+            ("16M", 16u64 << 20),
+            ("16MiB", 16 << 20),
+            ("16mi", 16 << 20),
+            ("1024K", 1 << 20),
+            ("1024KiB", 1 << 20),
+            ("1G", 1 << 30),
+            ("1GiB", 1 << 30),
+            ("1T", 1 << 40),
+            ("1TiB", 1 << 40),
+            ("1048576", 1 << 20),
+        ] {
+            let s = args(&["--run-size", v, "--", "run"]).unwrap();
+            assert_eq!(s.run_size, n, "--run-size {v}");
+            let l = parse_limits(&[format!("memory.max={v}")]).unwrap();
+            assert_eq!(l.memory_max, Some(Max::Value(n)), "memory.max={v}");
+            let r = parse_rlimits(&[format!("fsize={v}")]).unwrap();
+            assert_eq!(r, vec![(Rlimit::Core, 0), (Rlimit::Fsize, n)], "fsize={v}");
+        }
+        for bad in ["16MB", "16 M", "M", "-1M", "1P", "99999999999T"] {
+            assert!(
+                matches!(
+                    args(&[&format!("--run-size={bad}"), "--", "run"]),
+                    Err(JailError::BadRunSize(_))
+                ),
+                "{bad}"
+            );
+            assert!(
+                parse_limits(&[format!("memory.max={bad}")]).is_err(),
+                "{bad}"
+            );
+            assert!(parse_rlimits(&[format!("fsize={bad}")]).is_err(), "{bad}");
         }
     }
 
