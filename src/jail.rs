@@ -353,6 +353,14 @@ fn parse_file(spec: &str) -> Result<JailFile, JailError> {
     })
 }
 
+/// The first of `files` whose jail path is `inside`, or contains it, or lies inside it: two
+/// binds on one path (or one under the other) would hide one another.
+fn overlap<'a>(files: &'a [JailFile], inside: &Path) -> Option<&'a JailFile> {
+    files
+        .iter()
+        .find(|o| o.inside.starts_with(inside) || inside.starts_with(&o.inside))
+}
+
 /// The ELF interpreter (PT_INTERP) a binary names, if it is dynamically linked.
 fn elf_interpreter(bytes: &[u8]) -> Option<PathBuf> {
     // Every offset comes from the file: checked arithmetic throughout.
@@ -510,10 +518,7 @@ impl JailSpec {
         let mut files: Vec<JailFile> = Vec::new();
         for s in &a.files {
             let f = parse_file(s)?;
-            if let Some(o) = files
-                .iter()
-                .find(|o| o.inside.starts_with(&f.inside) || f.inside.starts_with(&o.inside))
-            {
+            if let Some(o) = overlap(&files, &f.inside) {
                 return Err(JailError::BadFile {
                     spec: s.clone(),
                     why: format!("{} overlaps {}", f.inside.display(), o.inside.display()),
@@ -1122,10 +1127,7 @@ pub fn run(args: &JailArgs, terminate: RawFd) -> Result<i32, JailError> {
         .map_err(io_err("read", Path::new("/proc/self/maps")))?;
     let mut files = runtime_files(&exe, &maps)?;
     for f in &spec.files {
-        if let Some(o) = files
-            .iter()
-            .find(|o| o.inside.starts_with(&f.inside) || f.inside.starts_with(&o.inside))
-        {
+        if let Some(o) = overlap(&files, &f.inside) {
             return Err(JailError::BadFile {
                 spec: f.host.display().to_string(),
                 why: format!(
@@ -1904,6 +1906,21 @@ mod tests {
             "run",
         ]);
         assert!(e.unwrap_err().to_string().contains("overlaps"));
+        // By path components: /lib holds /lib/x/libc.so.6, /lib2 and /li do not.
+        let libc = JailFile {
+            host: "/h".into(),
+            inside: "/lib/x/libc.so.6".into(),
+            writable: false,
+            is_dir: false,
+            exec: true,
+        };
+        let libs = [libc];
+        for p in ["/lib", "/lib/x", "/lib/x/libc.so.6", "/lib/x/libc.so.6/y"] {
+            assert!(overlap(&libs, Path::new(p)).is_some(), "{p}");
+        }
+        for p in ["/lib2", "/li", "/lib/y", "/lib/x/libc.so"] {
+            assert!(overlap(&libs, Path::new(p)).is_none(), "{p}");
+        }
     }
 
     #[test]
