@@ -67,6 +67,8 @@ pub enum JailError {
     NoArgs,
     #[error("the arguments after -- are ledge's own: drop the leading {0:?}")]
     ProgramName(String),
+    #[error("--seccomp/--no-seccomp is given both before and after --: give it on one side only")]
+    SeccompTwice,
     #[error("bad --file {spec:?}: {why}")]
     BadFile { spec: String, why: String },
     #[error("bad --rlimit {spec:?}: {why}")]
@@ -173,6 +175,10 @@ pub struct JailArgs {
     /// The VMM's arguments, as for `ledge` itself (paths in them are paths inside the jail).
     #[arg(last = true, value_name = "LEDGE_ARGS")]
     pub vmm_args: Vec<String>,
+    /// Ledge's global flags for the VMM given outside `--` (`--seccomp ACTION`,
+    /// `--no-seccomp`; see `Cli::seccomp_args`): they go in front of `vmm_args`.
+    #[arg(skip)]
+    pub vmm_flags: Vec<String>,
 }
 
 /// A host file shown in the jail.
@@ -515,6 +521,13 @@ impl JailSpec {
             }
             Some(_) => {}
         }
+        // A global flag given twice is not a clap error (the later one wins, and --seccomp
+        // with --no-seccomp both stay set): refuse it rather than guess.
+        let seccomp_flag =
+            |x: &String| x == "--seccomp" || x.starts_with("--seccomp=") || x == "--no-seccomp";
+        if !a.vmm_flags.is_empty() && a.vmm_args.iter().any(seccomp_flag) {
+            return Err(JailError::SeccompTwice);
+        }
         let mut files: Vec<JailFile> = Vec::new();
         for s in &a.files {
             let f = parse_file(s)?;
@@ -564,7 +577,7 @@ impl JailSpec {
             keep: a.keep,
             daemonize: a.daemonize,
             rlimits: parse_rlimits(&a.rlimits)?,
-            vmm_args: a.vmm_args.clone(),
+            vmm_args: a.vmm_flags.iter().chain(&a.vmm_args).cloned().collect(),
         })
     }
 
@@ -1872,6 +1885,60 @@ mod tests {
             );
             assert!(parse_rlimits(&[format!("fsize={bad}")]).is_err(), "{bad}");
         }
+    }
+
+    /// The global --seccomp/--no-seccomp reach the VMM, in front of its own arguments.
+    #[test]
+    fn seccomp_flags_are_passed_on() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct T {
+            #[command(flatten)]
+            a: JailArgs,
+        }
+        let with = |flags: &[&str], vmm: &[&str]| {
+            let mut v = vec!["t", "--id", "j", "--uid", "1", "--gid", "1", "--"];
+            v.extend_from_slice(vmm);
+            let mut a = T::try_parse_from(v).unwrap().a;
+            a.vmm_flags = flags.iter().map(|s| s.to_string()).collect();
+            JailSpec::from_args(&a)
+        };
+        assert_eq!(with(&[], &["run"]).unwrap().vmm_args, ["run"]);
+        assert_eq!(
+            with(&["--seccomp", "log"], &["run", "--rng"])
+                .unwrap()
+                .vmm_args,
+            ["--seccomp", "log", "run", "--rng"]
+        );
+        assert_eq!(
+            with(&["--no-seccomp"], &["--api-sock", "/run/a"])
+                .unwrap()
+                .vmm_args,
+            ["--no-seccomp", "--api-sock", "/run/a"]
+        );
+        // Inside only: left as it is.
+        assert_eq!(
+            with(&[], &["run", "--seccomp", "log"]).unwrap().vmm_args,
+            ["run", "--seccomp", "log"]
+        );
+        for inner in [
+            &["run", "--seccomp", "kill"][..],
+            &["run", "--seccomp=log"],
+            &["--no-seccomp", "run"],
+        ] {
+            assert!(
+                matches!(
+                    with(&["--seccomp", "log"], inner),
+                    Err(JailError::SeccompTwice)
+                ),
+                "{inner:?}"
+            );
+        }
+        // The program-name check still looks at the arguments as typed.
+        assert!(matches!(
+            with(&["--no-seccomp"], &["ledge", "run"]),
+            Err(JailError::ProgramName(_))
+        ));
     }
 
     #[test]
