@@ -995,15 +995,21 @@ fn mknod(
     Ok(())
 }
 
-fn threads() -> usize {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Threads:"))
-                .and_then(|n| n.trim().parse().ok())
+/// This process's thread count, from /proc/self/status. Not knowing it is an error: the
+/// fork that follows is only sound single-threaded, so "unknown" must not pass as 1.
+fn threads() -> Result<usize, JailError> {
+    let path = Path::new("/proc/self/status");
+    let status = fs::read_to_string(path).map_err(io_err("read", path))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| {
+            io_err("count the threads in", path)(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "no Threads: line",
+            ))
         })
-        .unwrap_or(1)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1089,7 +1095,7 @@ pub fn run(args: &JailArgs, terminate: RawFd) -> Result<i32, JailError> {
     if unsafe { libc::geteuid() } != 0 {
         return Err(JailError::NotRoot);
     }
-    let n = threads();
+    let n = threads()?;
     if n != 1 {
         return Err(JailError::Threads(n));
     }
@@ -1796,6 +1802,12 @@ mod tests {
         }
         v.extend_from_slice(extra);
         JailSpec::from_args(&T::try_parse_from(v).unwrap().a)
+    }
+
+    #[test]
+    fn thread_count() {
+        // The test harness runs each test on a thread of its own, beside the main one.
+        assert!(threads().unwrap() >= 1);
     }
 
     #[test]
