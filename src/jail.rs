@@ -1736,7 +1736,7 @@ fn enter_root(root: &Path) -> Result<(), JailError> {
 
 /// Default dispositions and an empty mask: exec keeps ignored signals and the mask.
 fn reset_signals() -> Result<(), JailError> {
-    for sig in 1..libc::SIGRTMAX() {
+    for sig in 1..=libc::SIGRTMAX() {
         if sig == libc::SIGKILL || sig == libc::SIGSTOP {
             continue;
         }
