@@ -1509,7 +1509,43 @@ struct CapData {
 
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
+/// SIGKILL this process when the jailer (its parent) dies: no VMM, nor half-made jail, runs
+/// unsupervised.
+fn kill_with_parent() -> Result<(), JailError> {
+    check(
+        // SAFETY: prctl with integer arguments only.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } as libc::c_long,
+        "PR_SET_PDEATHSIG",
+    )?;
+    Ok(())
+}
+
+/// True once the jailer is gone: it holds the read end of the error pipe (`err_fd` is the
+/// write end) until the exec, so a write end with no reader left polls as POLLERR.
+/// (getppid() cannot tell: the parent is outside the child's PID namespace, so it reads 0.)
+fn parent_gone(err_fd: RawFd) -> Result<bool, JailError> {
+    let mut pfd = libc::pollfd {
+        fd: err_fd,
+        events: 0,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd, alive for the call; a zero timeout never blocks.
+        let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+        if rc >= 0 {
+            return Ok(pfd.revents & (libc::POLLERR | libc::POLLHUP) != 0);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(JailError::Sys("poll", e));
+        }
+    }
+}
+
 fn child(p: &ChildPlan, err_fd: RawFd) -> Result<Infallible, JailError> {
+    // Set now, so a jailer killed during the set-up below takes the child with it; the uid
+    // change clears it, so it is set again after that.
+    kill_with_parent()?;
     // Its own session: the host terminal (if any) is no longer its controlling terminal, so
     // TIOCSTI and terminal signals cannot reach through it.
     // SAFETY: setsid has no preconditions; a fresh child is never a group leader.
@@ -1661,12 +1697,14 @@ fn child(p: &ChildPlan, err_fd: RawFd) -> Result<Infallible, JailError> {
         "capset",
     )?;
     // The jailer dying (even by SIGKILL) takes the VMM with it: no unsupervised VMM. Set
-    // after the uid change, which clears it.
-    check(
-        // SAFETY: prctl with integer arguments only.
-        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } as libc::c_long,
-        "PR_SET_PDEATHSIG",
-    )?;
+    // again after the uid change, which clears it (prctl(2)), then check that the jailer did
+    // not die while it was cleared: from here on, its death is a SIGKILL.
+    kill_with_parent()?;
+    if parent_gone(err_fd)? {
+        return Err(JailError::Child(
+            "the jailer died before the VMM ran".into(),
+        ));
+    }
 
     for (r, n) in &p.rlimits {
         let l = libc::rlimit {
@@ -1808,6 +1846,15 @@ mod tests {
     fn thread_count() {
         // The test harness runs each test on a thread of its own, beside the main one.
         assert!(threads().unwrap() >= 1);
+    }
+
+    /// The child's "is the jailer still there" test: the error pipe's read end, open or not.
+    #[test]
+    fn parent_gone_sees_the_reader_close() {
+        let (r, w) = pipe().unwrap();
+        assert!(!parent_gone(w.as_raw_fd()).unwrap());
+        drop(r);
+        assert!(parent_gone(w.as_raw_fd()).unwrap());
     }
 
     #[test]
