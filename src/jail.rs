@@ -1187,7 +1187,7 @@ pub fn run(args: &JailArgs, terminate: RawFd) -> Result<i32, JailError> {
         keep: false,
     };
     let root = spec.root();
-    layout(&spec, &root, &files)?;
+    layout(&root, &files)?;
     // /run: a tmpfs the size of --run-size, so that the VMM cannot fill the host's disk, mounted
     // here (not in the VMM's namespace) so that the host sees the API socket in it.
     let run = root.join("run");
@@ -1373,9 +1373,9 @@ fn open_netns(p: &Path) -> Result<OwnedFd, JailError> {
     Ok(OwnedFd::from(f))
 }
 
-/// Makes the jail's tree on the host: directories and mount-point files, owned by root except
-/// /run (the VMM's, and soon a tmpfs).
-fn layout(spec: &JailSpec, root: &Path, files: &[JailFile]) -> Result<(), JailError> {
+/// Makes the jail's tree on the host: directories and mount-point files, owned by root. (/run
+/// too: the VMM only ever sees the tmpfs the jailer mounts over it, with the VMM's ids.)
+fn layout(root: &Path, files: &[JailFile]) -> Result<(), JailError> {
     let mk = |d: &Path| {
         fs::DirBuilder::new()
             .recursive(true)
@@ -1393,16 +1393,9 @@ fn layout(spec: &JailSpec, root: &Path, files: &[JailFile]) -> Result<(), JailEr
             .map_err(io_err("make", f))
     };
     mk(root)?;
-    for d in ["dev", "proc"] {
+    for d in ["dev", "proc", "run"] {
         mk(&root.join(d))?;
     }
-    let run = root.join("run");
-    fs::DirBuilder::new()
-        .mode(0o750)
-        .create(&run)
-        .map_err(io_err("make", &run))?;
-    std::os::unix::fs::chown(&run, Some(spec.uid), Some(spec.gid))
-        .map_err(io_err("chown", &run))?;
     touch(&root.join(JAIL_EXE.trim_start_matches('/')))?;
     for f in files {
         let at = root.join(f.inside.strip_prefix("/").unwrap_or(&f.inside));

@@ -954,6 +954,12 @@ fn jail_passes_the_global_seccomp_flags_on() {
             modes.iter().all(|m| m == want_mode),
             "{global:?}: {modes:?}"
         );
+        // Its /run (the tmpfs the jailer mounts with the VMM's ids) is the VMM's alone.
+        let run = fs::metadata(format!("/proc/{pid}/root/run")).unwrap();
+        assert_eq!(
+            (run.uid(), run.gid(), run.mode() & 0o777),
+            (UID, GID, 0o750)
+        );
         let st = l.terminate();
         assert_eq!(st.code(), Some(0), "{}", l.diag());
         assert!(!jail_dir.exists(), "{} is left behind", jail_dir.display());
