@@ -1048,7 +1048,8 @@ struct ChildPlan {
 
 /// Removes what the jail made, unless kept.
 struct Leftovers {
-    dir: Option<PathBuf>,
+    /// `<root-base>/<id>`.
+    dir: PathBuf,
     /// The /run tmpfs, mounted on the host.
     run: Option<PathBuf>,
     cgroups: Vec<PathBuf>,
@@ -1076,12 +1077,10 @@ impl Drop for Leftovers {
                 }
             }
         }
-        if let Some(d) = &self.dir {
-            // The binds live only in the VMM's mount namespace, gone with it: this removes
-            // the jail's own mount-point files and directories, never the host files.
-            if let Err(e) = fs::remove_dir_all(d) {
-                log::warn!("jail: cannot remove {}: {e}", d.display());
-            }
+        // The binds live only in the VMM's mount namespace, gone with it: this removes the
+        // jail's own mount-point files and directories, never the host files.
+        if let Err(e) = fs::remove_dir_all(&self.dir) {
+            log::warn!("jail: cannot remove {}: {e}", self.dir.display());
         }
     }
 }
@@ -1181,7 +1180,7 @@ pub fn run(args: &JailArgs, terminate: RawFd) -> Result<i32, JailError> {
         Err(e) => return Err(io_err("make", &jail_dir)(e)),
     }
     let mut leftovers = Leftovers {
-        dir: Some(jail_dir.clone()),
+        dir: jail_dir.clone(),
         cgroups: Vec::new(),
         run: None,
         keep: false,
