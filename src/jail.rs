@@ -1203,8 +1203,7 @@ pub fn run(args: &JailArgs, terminate: RawFd) -> Result<i32, JailError> {
     leftovers.run = Some(run);
     let mut cgroup_procs = Vec::new();
     if let Some(p) = &cg_plan {
-        let made = p.create(&mut leftovers.cgroups);
-        made?;
+        p.create(&mut leftovers.cgroups)?;
         cgroup_procs = p.dirs.iter().map(|d| d.dir.join("cgroup.procs")).collect();
     }
     let plan = ChildPlan {
