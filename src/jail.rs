@@ -603,9 +603,8 @@ pub struct CgroupDir {
 /// Where the jail's cgroup goes and what is written there, before anything is made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CgroupPlan {
-    pub version: u8,
-    /// v2: the hierarchy's mount and the parent's path below it, whose ancestors get the
-    /// controllers enabled in `cgroup.subtree_control`.
+    /// v2 (None: v1): the hierarchy's mount and the parent's path below it, whose ancestors
+    /// get the controllers enabled in `cgroup.subtree_control`.
     pub v2_enable: Option<(PathBuf, PathBuf)>,
     pub dirs: Vec<CgroupDir>,
 }
@@ -740,7 +739,6 @@ impl CgroupPlan {
                 writes.push(("pids.max", max_str(m)));
             }
             return Ok(CgroupPlan {
-                version: 2,
                 v2_enable: Some((mnt.clone(), base.clone())),
                 dirs: vec![CgroupDir {
                     dir: mnt.join(&base).join(id),
@@ -790,7 +788,6 @@ impl CgroupPlan {
             }
         }
         Ok(CgroupPlan {
-            version: 1,
             v2_enable: None,
             dirs,
         })
@@ -2118,7 +2115,7 @@ mod tests {
         let own = "4:memory:/outer/x\n2:cpu,cpuacct:/\n0::/\n";
         let read = |_: &Path| Ok::<_, io::Error>("hugetlb\n".to_string());
         let p = CgroupPlan::new(&req("nest", None), "j", HYBRID, own, read).unwrap();
-        assert_eq!(p.version, 1);
+        assert_eq!(p.v2_enable, None, "a v1 plan");
         assert_eq!(
             p.dirs,
             vec![
@@ -2171,7 +2168,7 @@ mod tests {
         let own = "0::/svc\n";
         let read = |p: &Path| fs::read_to_string(p);
         let p = CgroupPlan::new(&req("/ledge/a", None), "j", &mi, own, read).unwrap();
-        assert_eq!(p.version, 2);
+        assert_eq!(p.v2_enable, Some((base.clone(), "ledge/a".into())));
         assert_eq!(p.dirs[0].dir, base.join("ledge/a/j"));
         let mut made = Vec::new();
         // Appends, as the kernel's subtree_control accumulates.
