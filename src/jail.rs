@@ -154,8 +154,8 @@ pub struct JailArgs {
     pub parent_cgroup: String,
     /// Which cgroup version to use: auto (v2 when it has the memory, cpu and pids controllers,
     /// else v1), 1 or 2.
-    #[arg(long, value_name = "V", default_value = "auto", value_parser = ["auto", "1", "2"])]
-    pub cgroup_version: String,
+    #[arg(long, value_name = "V", default_value = "auto")]
+    pub cgroup_version: CgroupVersion,
     /// Make no cgroup (the caller already placed the jailer in one).
     #[arg(long, conflicts_with_all = ["limits", "parent_cgroup", "cgroup_version"])]
     pub no_cgroup: bool,
@@ -280,12 +280,24 @@ fn parse_rlimits(specs: &[String]) -> Result<Vec<(Rlimit, u64)>, JailError> {
     Ok(v)
 }
 
+/// `--cgroup-version`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum CgroupVersion {
+    // (Plain comments: doc comments would turn into per-value help text.)
+    // v2 when it has the memory, cpu and pids controllers, else v1.
+    #[default]
+    Auto,
+    #[value(name = "1")]
+    V1,
+    #[value(name = "2")]
+    V2,
+}
+
 #[derive(Debug, Clone)]
 pub struct CgroupRequest {
     pub limits: Limits,
     pub parent: String,
-    /// None: auto.
-    pub version: Option<u8>,
+    pub version: CgroupVersion,
 }
 
 pub fn valid_id(id: &str) -> bool {
@@ -553,7 +565,7 @@ impl JailSpec {
             Some(CgroupRequest {
                 limits: parse_limits(&a.limits)?,
                 parent: a.parent_cgroup.clone(),
-                version: a.cgroup_version.parse().ok(),
+                version: a.cgroup_version,
             })
         };
         let run_size = match parse_bytes(&a.run_size) {
@@ -700,19 +712,20 @@ impl CgroupPlan {
                     .map(|_| m.clone())
             })
         };
-        let version =
+        let use_v2 =
             match req.version {
-                Some(v) => v,
-                None if v2.is_some() && v2_missing.is_empty() => 2,
-                None if CONTROLLERS.iter().all(|c| v1_for(c).is_some()) => 1,
-                None => return Err(JailError::Cgroup(
+                CgroupVersion::V2 => true,
+                CgroupVersion::V1 => false,
+                CgroupVersion::Auto if v2.is_some() && v2_missing.is_empty() => true,
+                CgroupVersion::Auto if CONTROLLERS.iter().all(|c| v1_for(c).is_some()) => false,
+                CgroupVersion::Auto => return Err(JailError::Cgroup(
                     "no cgroup v2 hierarchy with the memory, cpu and pids controllers, nor a v1 \
                      hierarchy for each of them (or pass --no-cgroup)"
                         .into(),
                 )),
             };
         let l = &req.limits;
-        if version == 2 {
+        if use_v2 {
             let Some(mnt) = v2 else {
                 return Err(JailError::Cgroup("cgroup v2 is not mounted".into()));
             };
@@ -745,9 +758,6 @@ impl CgroupPlan {
                     writes,
                 }],
             });
-        }
-        if version != 1 {
-            return Err(JailError::Cgroup(format!("no cgroup version {version}")));
         }
         let mut dirs: Vec<CgroupDir> = Vec::new();
         for c in CONTROLLERS {
@@ -2089,7 +2099,7 @@ mod tests {
         }
     }
 
-    fn req(parent: &str, version: Option<u8>) -> CgroupRequest {
+    fn req(parent: &str, version: CgroupVersion) -> CgroupRequest {
         CgroupRequest {
             limits: parse_limits(&[
                 "memory.max=1G".into(),
@@ -2114,7 +2124,7 @@ mod tests {
     fn v1_plan() {
         let own = "4:memory:/outer/x\n2:cpu,cpuacct:/\n0::/\n";
         let read = |_: &Path| Ok::<_, io::Error>("hugetlb\n".to_string());
-        let p = CgroupPlan::new(&req("nest", None), "j", HYBRID, own, read).unwrap();
+        let p = CgroupPlan::new(&req("nest", CgroupVersion::Auto), "j", HYBRID, own, read).unwrap();
         assert_eq!(p.v2_enable, None, "a v1 plan");
         assert_eq!(
             p.dirs,
@@ -2136,12 +2146,14 @@ mod tests {
                 },
             ]
         );
-        let p = CgroupPlan::new(&req("/ledge", None), "j", HYBRID, own, read).unwrap();
+        let p =
+            CgroupPlan::new(&req("/ledge", CgroupVersion::Auto), "j", HYBRID, own, read).unwrap();
         assert_eq!(p.dirs[0].dir, Path::new("/sys/fs/cgroup/memory/ledge/j"));
         // v2 is there, but without the controllers.
-        let e = CgroupPlan::new(&req("/ledge", Some(2)), "j", HYBRID, own, read).unwrap_err();
+        let e =
+            CgroupPlan::new(&req("/ledge", CgroupVersion::V2), "j", HYBRID, own, read).unwrap_err();
         assert!(e.to_string().contains("lacks the memory, cpu, pids"), "{e}");
-        let e = CgroupPlan::new(&req("/l", None), "j", "", own, read).unwrap_err();
+        let e = CgroupPlan::new(&req("/l", CgroupVersion::Auto), "j", "", own, read).unwrap_err();
         assert!(e.to_string().contains("--no-cgroup"), "{e}");
     }
 
@@ -2167,7 +2179,8 @@ mod tests {
         );
         let own = "0::/svc\n";
         let read = |p: &Path| fs::read_to_string(p);
-        let p = CgroupPlan::new(&req("/ledge/a", None), "j", &mi, own, read).unwrap();
+        let p =
+            CgroupPlan::new(&req("/ledge/a", CgroupVersion::Auto), "j", &mi, own, read).unwrap();
         assert_eq!(p.v2_enable, Some((base.clone(), "ledge/a".into())));
         assert_eq!(p.dirs[0].dir, base.join("ledge/a/j"));
         let mut made = Vec::new();
@@ -2201,7 +2214,7 @@ mod tests {
             .to_string();
         assert!(e.contains("exists"), "{e}");
         // Relative to the jailer's own cgroup.
-        let p = CgroupPlan::new(&req("sub", Some(2)), "j", &mi, own, read).unwrap();
+        let p = CgroupPlan::new(&req("sub", CgroupVersion::V2), "j", &mi, own, read).unwrap();
         assert_eq!(p.dirs[0].dir, base.join("svc/sub/j"));
         fs::remove_dir_all(&base).unwrap();
     }
