@@ -1048,7 +1048,6 @@ struct ChildPlan {
     devices: Vec<(&'static str, libc::dev_t, u32, bool)>,
     cgroup_procs: Vec<PathBuf>,
     netns: Option<OwnedFd>,
-    last_cap: u32,
     rlimits: Vec<(Rlimit, u64)>,
     argv: Vec<CString>,
 }
@@ -1138,10 +1137,6 @@ pub fn run(args: &JailArgs, terminate: RawFd) -> Result<i32, JailError> {
         }
         None => None,
     };
-    let last_cap: u32 = fs::read_to_string("/proc/sys/kernel/cap_last_cap")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(63);
     let exe = std::env::current_exe().map_err(io_err("find", Path::new("/proc/self/exe")))?;
     if !exe.is_file() {
         return Err(io_err("use the ledge binary", &exe)(io::Error::from(
@@ -1222,7 +1217,6 @@ pub fn run(args: &JailArgs, terminate: RawFd) -> Result<i32, JailError> {
         devices: devs,
         cgroup_procs,
         netns,
-        last_cap,
         rlimits: spec.rlimits.clone(),
         argv,
     };
@@ -1646,7 +1640,9 @@ fn child(p: &ChildPlan, err_fd: RawFd) -> Result<Infallible, JailError> {
         unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } as libc::c_long,
         "PR_SET_NO_NEW_PRIVS",
     )?;
-    for cap in 0..=p.last_cap {
+    // Every capability number the 64-bit capability sets can hold: the kernel answers EINVAL
+    // for one it does not know (and only then: prctl(2)), which is nothing to drop.
+    for cap in 0..64 {
         // SAFETY: prctl with integer arguments only; needs CAP_SETPCAP, which root has here.
         let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
         if rc != 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
