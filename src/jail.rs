@@ -816,6 +816,12 @@ impl CgroupPlan {
         made: &mut Vec<PathBuf>,
         write: impl Fn(&Path, &str) -> io::Result<()>,
     ) -> Result<(), JailError> {
+        // The parents, made once: on v2 they are the chain enabled below.
+        for d in &self.dirs {
+            if let Some(p) = d.dir.parent() {
+                fs::create_dir_all(p).map_err(io_err("make the cgroup", p))?;
+            }
+        }
         if let Some((mnt, parent)) = &self.v2_enable {
             // Each cgroup from the root down to the parent must hand the controllers on.
             let mut at = mnt.clone();
@@ -824,10 +830,7 @@ impl CgroupPlan {
                 at.push(c);
                 chain.push(at.clone());
             }
-            for (i, dir) in chain.iter().enumerate() {
-                if i > 0 {
-                    mkdir_existing_ok(dir)?;
-                }
+            for dir in &chain {
                 let f = dir.join("cgroup.subtree_control");
                 for c in CONTROLLERS {
                     write(&f, &format!("+{c}")).map_err(|e| {
@@ -845,9 +848,6 @@ impl CgroupPlan {
             }
         }
         for d in &self.dirs {
-            if let Some(p) = d.dir.parent() {
-                fs::create_dir_all(p).map_err(io_err("make the cgroup", p))?;
-            }
             match fs::create_dir(&d.dir) {
                 Ok(()) => made.push(d.dir.clone()),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -880,13 +880,6 @@ fn v1_str(m: Max) -> String {
     match m {
         Max::Max => "-1".into(),
         Max::Value(v) => v.to_string(),
-    }
-}
-
-fn mkdir_existing_ok(d: &Path) -> Result<(), JailError> {
-    match fs::create_dir(d) {
-        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(io_err("make", d)(e)),
-        _ => Ok(()),
     }
 }
 
@@ -2160,10 +2153,8 @@ mod tests {
         let base = std::env::temp_dir().join(format!("ledge-jail-cg-{}", std::process::id()));
         let _ = fs::remove_dir_all(&base);
         fs::create_dir_all(base.join("svc")).unwrap();
-        fs::create_dir_all(base.join("ledge/a")).unwrap();
-        for d in ["", "ledge", "ledge/a"] {
-            fs::write(base.join(d).join("cgroup.subtree_control"), "").unwrap();
-        }
+        // The parent /ledge/a is not there yet: create makes it.
+        fs::write(base.join("cgroup.subtree_control"), "").unwrap();
         fs::write(
             base.join("cgroup.controllers"),
             "cpuset cpu io memory pids\n",
