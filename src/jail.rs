@@ -16,7 +16,8 @@
 //! 5. sets no_new_privs, empties the capability bounding and ambient sets, drops the
 //!    supplementary groups, takes the given gid and uid, empties its remaining capabilities;
 //! 6. closes every file descriptor but 0, 1 and 2, resets signal dispositions, clears the
-//!    environment, and execs `/ledge` with the arguments given after `--`.
+//!    environment, and execs `/ledge` with the arguments given after `--` (behind the global
+//!    `--seccomp`/`--no-seccomp`, when given).
 //!
 //! The jailer stays as a small supervisor: it writes the VMM's host PID to
 //! `<root-base>/<id>/vmm.pid`, forwards SIGTERM/SIGINT/SIGHUP to the VMM as SIGTERM, exits
