@@ -70,6 +70,16 @@ impl Cli {
             _ => SeccompLevel::Kill,
         }
     }
+
+    /// `--seccomp ACTION` / `--no-seccomp` as given (nothing when neither was), for a VMM that
+    /// runs as another process: `ledge jail` passes them on to the ledge it starts.
+    pub fn seccomp_args(&self) -> Vec<String> {
+        match (self.no_seccomp, &self.seccomp) {
+            (true, _) => vec!["--no-seccomp".into()],
+            (false, Some(a)) => vec!["--seccomp".into(), a.clone()],
+            (false, None) => Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -388,6 +398,26 @@ mod tests {
         );
         assert!(level(&["ledge", "run", "--seccomp", "trap"]).is_err());
         assert!(level(&["ledge", "run", "--seccomp", "log", "--no-seccomp"]).is_err());
+    }
+
+    /// What `ledge jail` passes on to the VMM: the flags as given, before or after `jail`.
+    #[test]
+    fn seccomp_args_for_the_jail() {
+        let fwd = |args: &[&str]| Cli::try_parse_from(args).unwrap().seccomp_args();
+        let jail = ["jail", "--id", "j", "--uid", "1", "--gid", "1"];
+        let with = |pre: &[&str], post: &[&str]| {
+            let mut v = vec!["ledge"];
+            v.extend_from_slice(pre);
+            v.extend_from_slice(&jail);
+            v.extend_from_slice(post);
+            v.extend_from_slice(&["--", "run"]);
+            fwd(&v)
+        };
+        assert!(with(&[], &[]).is_empty());
+        assert_eq!(with(&["--seccomp", "log"], &[]), ["--seccomp", "log"]);
+        assert_eq!(with(&[], &["--seccomp", "kill"]), ["--seccomp", "kill"]);
+        assert_eq!(with(&["--no-seccomp"], &[]), ["--no-seccomp"]);
+        assert_eq!(with(&[], &["--no-seccomp"]), ["--no-seccomp"]);
     }
 
     #[test]

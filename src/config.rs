@@ -262,8 +262,9 @@ struct LimitKeys {
     burst: [Option<u64>; 2],
 }
 
-/// `10MiB`, `512K`, `1G`, `4096`: binary multiples (K, Ki, KiB are all 1024).
-fn parse_bytes(v: &str) -> Option<u64> {
+/// `10MiB`, `512K`, `1G`, `2T`, `4096`: binary multiples (K, Ki, KiB are all 1024), any case.
+/// Also the parser of `ledge jail`'s byte sizes.
+pub(crate) fn parse_bytes(v: &str) -> Option<u64> {
     let digits = v.bytes().take_while(u8::is_ascii_digit).count();
     let (num, unit) = v.split_at(digits);
     let shift = match unit.to_ascii_lowercase().as_str() {
@@ -271,6 +272,7 @@ fn parse_bytes(v: &str) -> Option<u64> {
         "k" | "ki" | "kib" => 10,
         "m" | "mi" | "mib" => 20,
         "g" | "gi" | "gib" => 30,
+        "t" | "ti" | "tib" => 40,
         _ => return None,
     };
     num.parse::<u64>().ok()?.checked_mul(1u64 << shift)

@@ -16,7 +16,8 @@
 //! 5. sets no_new_privs, empties the capability bounding and ambient sets, drops the
 //!    supplementary groups, takes the given gid and uid, empties its remaining capabilities;
 //! 6. closes every file descriptor but 0, 1 and 2, resets signal dispositions, clears the
-//!    environment, and execs `/ledge` with the arguments given after `--`.
+//!    environment, and execs `/ledge` with the arguments given after `--` (behind the global
+//!    `--seccomp`/`--no-seccomp`, when given).
 //!
 //! The jailer stays as a small supervisor: it writes the VMM's host PID to
 //! `<root-base>/<id>/vmm.pid`, forwards SIGTERM/SIGINT/SIGHUP to the VMM as SIGTERM, exits
@@ -38,6 +39,8 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt}
 use std::path::{Component, Path, PathBuf};
 
 use clap::Args;
+
+use crate::config::parse_bytes;
 
 /// Where jails live unless `--root-base` says otherwise.
 pub const DEFAULT_ROOT_BASE: &str = "/srv/ledge";
@@ -65,6 +68,8 @@ pub enum JailError {
     NoArgs,
     #[error("the arguments after -- are ledge's own: drop the leading {0:?}")]
     ProgramName(String),
+    #[error("--seccomp/--no-seccomp is given both before and after --: give it on one side only")]
+    SeccompTwice,
     #[error("bad --file {spec:?}: {why}")]
     BadFile { spec: String, why: String },
     #[error("bad --rlimit {spec:?}: {why}")]
@@ -75,7 +80,7 @@ pub enum JailError {
         "bad --parent-cgroup {0:?}: use a path of plain names, like /ledge or ledge (no . or ..)"
     )]
     BadParent(String),
-    #[error("bad --run-size {0:?}: give bytes (at least 64K), with an optional K, M or G")]
+    #[error("bad --run-size {0:?}: give bytes (at least 64K), with an optional K, M, G or T (or KiB, MiB...)")]
     BadRunSize(String),
     #[error("bad --root-base {0:?}: give an absolute directory")]
     BadRootBase(PathBuf),
@@ -150,8 +155,8 @@ pub struct JailArgs {
     pub parent_cgroup: String,
     /// Which cgroup version to use: auto (v2 when it has the memory, cpu and pids controllers,
     /// else v1), 1 or 2.
-    #[arg(long, value_name = "V", default_value = "auto", value_parser = ["auto", "1", "2"])]
-    pub cgroup_version: String,
+    #[arg(long, value_name = "V", default_value = "auto")]
+    pub cgroup_version: CgroupVersion,
     /// Make no cgroup (the caller already placed the jailer in one).
     #[arg(long, conflicts_with_all = ["limits", "parent_cgroup", "cgroup_version"])]
     pub no_cgroup: bool,
@@ -171,6 +176,10 @@ pub struct JailArgs {
     /// The VMM's arguments, as for `ledge` itself (paths in them are paths inside the jail).
     #[arg(last = true, value_name = "LEDGE_ARGS")]
     pub vmm_args: Vec<String>,
+    /// Ledge's global flags for the VMM given outside `--` (`--seccomp ACTION`,
+    /// `--no-seccomp`; see `Cli::seccomp_args`): they go in front of `vmm_args`.
+    #[arg(skip)]
+    pub vmm_flags: Vec<String>,
 }
 
 /// A host file shown in the jail.
@@ -258,7 +267,11 @@ fn parse_rlimits(specs: &[String]) -> Result<Vec<(Rlimit, u64)>, JailError> {
             },
             "fsize" => match parse_bytes(value) {
                 Some(n) => (Rlimit::Fsize, n),
-                None => return Err(bad("give bytes, with an optional K, M, G or T")),
+                None => {
+                    return Err(bad(
+                        "give bytes, with an optional K, M, G or T (or KiB, MiB...)",
+                    ))
+                }
             },
             k => return Err(bad(&format!("unknown key {k:?}: use nofile or fsize"))),
         };
@@ -268,12 +281,24 @@ fn parse_rlimits(specs: &[String]) -> Result<Vec<(Rlimit, u64)>, JailError> {
     Ok(v)
 }
 
+/// `--cgroup-version`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum CgroupVersion {
+    // (Plain comments: doc comments would turn into per-value help text.)
+    // v2 when it has the memory, cpu and pids controllers, else v1.
+    #[default]
+    Auto,
+    #[value(name = "1")]
+    V1,
+    #[value(name = "2")]
+    V2,
+}
+
 #[derive(Debug, Clone)]
 pub struct CgroupRequest {
     pub limits: Limits,
     pub parent: String,
-    /// None: auto.
-    pub version: Option<u8>,
+    pub version: CgroupVersion,
 }
 
 pub fn valid_id(id: &str) -> bool {
@@ -347,6 +372,14 @@ fn parse_file(spec: &str) -> Result<JailFile, JailError> {
     })
 }
 
+/// The first of `files` whose jail path is `inside`, or contains it, or lies inside it: two
+/// binds on one path (or one under the other) would hide one another.
+fn overlap<'a>(files: &'a [JailFile], inside: &Path) -> Option<&'a JailFile> {
+    files
+        .iter()
+        .find(|o| o.inside.starts_with(inside) || inside.starts_with(&o.inside))
+}
+
 /// The ELF interpreter (PT_INTERP) a binary names, if it is dynamically linked.
 fn elf_interpreter(bytes: &[u8]) -> Option<PathBuf> {
     // Every offset comes from the file: checked arithmetic throughout.
@@ -407,17 +440,6 @@ fn runtime_files(exe: &Path, maps: &str) -> Result<Vec<JailFile>, JailError> {
     Ok(v)
 }
 
-fn parse_bytes(v: &str) -> Option<u64> {
-    let (num, mult) = match v.as_bytes().last()? {
-        b'K' | b'k' => (&v[..v.len() - 1], 1u64 << 10),
-        b'M' | b'm' => (&v[..v.len() - 1], 1 << 20),
-        b'G' | b'g' => (&v[..v.len() - 1], 1 << 30),
-        b'T' | b't' => (&v[..v.len() - 1], 1 << 40),
-        _ => (v, 1),
-    };
-    num.parse::<u64>().ok()?.checked_mul(mult)
-}
-
 /// Parses the `--cgroup` values.
 pub fn parse_limits(specs: &[String]) -> Result<Limits, JailError> {
     let mut l = Limits::default();
@@ -438,9 +460,9 @@ pub fn parse_limits(specs: &[String]) -> Result<Limits, JailError> {
                     match parse_bytes(value) {
                         Some(b) if b >= 1 << 20 => Max::Value(b),
                         Some(_) => return Err(bad("at least 1M: the VMM cannot start in less")),
-                        None => {
-                            return Err(bad("give bytes, with an optional K, M, G or T, or max"))
-                        }
+                        None => return Err(bad(
+                            "give bytes, with an optional K, M, G or T (or KiB, MiB...), or max",
+                        )),
                     }
                 };
                 l.memory_max = Some(m);
@@ -512,13 +534,17 @@ impl JailSpec {
             }
             Some(_) => {}
         }
+        // A global flag given twice is not a clap error (the later one wins, and --seccomp
+        // with --no-seccomp both stay set): refuse it rather than guess.
+        let seccomp_flag =
+            |x: &String| x == "--seccomp" || x.starts_with("--seccomp=") || x == "--no-seccomp";
+        if !a.vmm_flags.is_empty() && a.vmm_args.iter().any(seccomp_flag) {
+            return Err(JailError::SeccompTwice);
+        }
         let mut files: Vec<JailFile> = Vec::new();
         for s in &a.files {
             let f = parse_file(s)?;
-            if let Some(o) = files
-                .iter()
-                .find(|o| o.inside.starts_with(&f.inside) || f.inside.starts_with(&o.inside))
-            {
+            if let Some(o) = overlap(&files, &f.inside) {
                 return Err(JailError::BadFile {
                     spec: s.clone(),
                     why: format!("{} overlaps {}", f.inside.display(), o.inside.display()),
@@ -540,7 +566,7 @@ impl JailSpec {
             Some(CgroupRequest {
                 limits: parse_limits(&a.limits)?,
                 parent: a.parent_cgroup.clone(),
-                version: a.cgroup_version.parse().ok(),
+                version: a.cgroup_version,
             })
         };
         let run_size = match parse_bytes(&a.run_size) {
@@ -564,7 +590,7 @@ impl JailSpec {
             keep: a.keep,
             daemonize: a.daemonize,
             rlimits: parse_rlimits(&a.rlimits)?,
-            vmm_args: a.vmm_args.clone(),
+            vmm_args: a.vmm_flags.iter().chain(&a.vmm_args).cloned().collect(),
         })
     }
 
@@ -590,9 +616,8 @@ pub struct CgroupDir {
 /// Where the jail's cgroup goes and what is written there, before anything is made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CgroupPlan {
-    pub version: u8,
-    /// v2: the hierarchy's mount and the parent's path below it, whose ancestors get the
-    /// controllers enabled in `cgroup.subtree_control`.
+    /// v2 (None: v1): the hierarchy's mount and the parent's path below it, whose ancestors
+    /// get the controllers enabled in `cgroup.subtree_control`.
     pub v2_enable: Option<(PathBuf, PathBuf)>,
     pub dirs: Vec<CgroupDir>,
 }
@@ -688,19 +713,20 @@ impl CgroupPlan {
                     .map(|_| m.clone())
             })
         };
-        let version =
+        let use_v2 =
             match req.version {
-                Some(v) => v,
-                None if v2.is_some() && v2_missing.is_empty() => 2,
-                None if CONTROLLERS.iter().all(|c| v1_for(c).is_some()) => 1,
-                None => return Err(JailError::Cgroup(
+                CgroupVersion::V2 => true,
+                CgroupVersion::V1 => false,
+                CgroupVersion::Auto if v2.is_some() && v2_missing.is_empty() => true,
+                CgroupVersion::Auto if CONTROLLERS.iter().all(|c| v1_for(c).is_some()) => false,
+                CgroupVersion::Auto => return Err(JailError::Cgroup(
                     "no cgroup v2 hierarchy with the memory, cpu and pids controllers, nor a v1 \
                      hierarchy for each of them (or pass --no-cgroup)"
                         .into(),
                 )),
             };
         let l = &req.limits;
-        if version == 2 {
+        if use_v2 {
             let Some(mnt) = v2 else {
                 return Err(JailError::Cgroup("cgroup v2 is not mounted".into()));
             };
@@ -727,16 +753,12 @@ impl CgroupPlan {
                 writes.push(("pids.max", max_str(m)));
             }
             return Ok(CgroupPlan {
-                version: 2,
                 v2_enable: Some((mnt.clone(), base.clone())),
                 dirs: vec![CgroupDir {
                     dir: mnt.join(&base).join(id),
                     writes,
                 }],
             });
-        }
-        if version != 1 {
-            return Err(JailError::Cgroup(format!("no cgroup version {version}")));
         }
         let mut dirs: Vec<CgroupDir> = Vec::new();
         for c in CONTROLLERS {
@@ -777,7 +799,6 @@ impl CgroupPlan {
             }
         }
         Ok(CgroupPlan {
-            version: 1,
             v2_enable: None,
             dirs,
         })
@@ -796,6 +817,12 @@ impl CgroupPlan {
         made: &mut Vec<PathBuf>,
         write: impl Fn(&Path, &str) -> io::Result<()>,
     ) -> Result<(), JailError> {
+        // The parents, made once: on v2 they are the chain enabled below.
+        for d in &self.dirs {
+            if let Some(p) = d.dir.parent() {
+                fs::create_dir_all(p).map_err(io_err("make the cgroup", p))?;
+            }
+        }
         if let Some((mnt, parent)) = &self.v2_enable {
             // Each cgroup from the root down to the parent must hand the controllers on.
             let mut at = mnt.clone();
@@ -804,10 +831,7 @@ impl CgroupPlan {
                 at.push(c);
                 chain.push(at.clone());
             }
-            for (i, dir) in chain.iter().enumerate() {
-                if i > 0 {
-                    mkdir_existing_ok(dir)?;
-                }
+            for dir in &chain {
                 let f = dir.join("cgroup.subtree_control");
                 for c in CONTROLLERS {
                     write(&f, &format!("+{c}")).map_err(|e| {
@@ -825,9 +849,6 @@ impl CgroupPlan {
             }
         }
         for d in &self.dirs {
-            if let Some(p) = d.dir.parent() {
-                fs::create_dir_all(p).map_err(io_err("make the cgroup", p))?;
-            }
             match fs::create_dir(&d.dir) {
                 Ok(()) => made.push(d.dir.clone()),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -860,13 +881,6 @@ fn v1_str(m: Max) -> String {
     match m {
         Max::Max => "-1".into(),
         Max::Value(v) => v.to_string(),
-    }
-}
-
-fn mkdir_existing_ok(d: &Path) -> Result<(), JailError> {
-    match fs::create_dir(d) {
-        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(io_err("make", d)(e)),
-        _ => Ok(()),
     }
 }
 
@@ -982,15 +996,21 @@ fn mknod(
     Ok(())
 }
 
-fn threads() -> usize {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Threads:"))
-                .and_then(|n| n.trim().parse().ok())
+/// This process's thread count, from /proc/self/status. Not knowing it is an error: the
+/// fork that follows is only sound single-threaded, so "unknown" must not pass as 1.
+fn threads() -> Result<usize, JailError> {
+    let path = Path::new("/proc/self/status");
+    let status = fs::read_to_string(path).map_err(io_err("read", path))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| {
+            io_err("count the threads in", path)(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "no Threads: line",
+            ))
         })
-        .unwrap_or(1)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1022,14 +1042,14 @@ struct ChildPlan {
     devices: Vec<(&'static str, libc::dev_t, u32, bool)>,
     cgroup_procs: Vec<PathBuf>,
     netns: Option<OwnedFd>,
-    last_cap: u32,
     rlimits: Vec<(Rlimit, u64)>,
     argv: Vec<CString>,
 }
 
 /// Removes what the jail made, unless kept.
 struct Leftovers {
-    dir: Option<PathBuf>,
+    /// `<root-base>/<id>`.
+    dir: PathBuf,
     /// The /run tmpfs, mounted on the host.
     run: Option<PathBuf>,
     cgroups: Vec<PathBuf>,
@@ -1057,12 +1077,10 @@ impl Drop for Leftovers {
                 }
             }
         }
-        if let Some(d) = &self.dir {
-            // The binds live only in the VMM's mount namespace, gone with it: this removes
-            // the jail's own mount-point files and directories, never the host files.
-            if let Err(e) = fs::remove_dir_all(d) {
-                log::warn!("jail: cannot remove {}: {e}", d.display());
-            }
+        // The binds live only in the VMM's mount namespace, gone with it: this removes the
+        // jail's own mount-point files and directories, never the host files.
+        if let Err(e) = fs::remove_dir_all(&self.dir) {
+            log::warn!("jail: cannot remove {}: {e}", self.dir.display());
         }
     }
 }
@@ -1076,7 +1094,7 @@ pub fn run(args: &JailArgs, terminate: RawFd) -> Result<i32, JailError> {
     if unsafe { libc::geteuid() } != 0 {
         return Err(JailError::NotRoot);
     }
-    let n = threads();
+    let n = threads()?;
     if n != 1 {
         return Err(JailError::Threads(n));
     }
@@ -1113,10 +1131,6 @@ pub fn run(args: &JailArgs, terminate: RawFd) -> Result<i32, JailError> {
         }
         None => None,
     };
-    let last_cap: u32 = fs::read_to_string("/proc/sys/kernel/cap_last_cap")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(63);
     let exe = std::env::current_exe().map_err(io_err("find", Path::new("/proc/self/exe")))?;
     if !exe.is_file() {
         return Err(io_err("use the ledge binary", &exe)(io::Error::from(
@@ -1127,10 +1141,7 @@ pub fn run(args: &JailArgs, terminate: RawFd) -> Result<i32, JailError> {
         .map_err(io_err("read", Path::new("/proc/self/maps")))?;
     let mut files = runtime_files(&exe, &maps)?;
     for f in &spec.files {
-        if let Some(o) = files
-            .iter()
-            .find(|o| o.inside.starts_with(&f.inside) || f.inside.starts_with(&o.inside))
-        {
+        if let Some(o) = overlap(&files, &f.inside) {
             return Err(JailError::BadFile {
                 spec: f.host.display().to_string(),
                 why: format!(
@@ -1165,13 +1176,13 @@ pub fn run(args: &JailArgs, terminate: RawFd) -> Result<i32, JailError> {
         Err(e) => return Err(io_err("make", &jail_dir)(e)),
     }
     let mut leftovers = Leftovers {
-        dir: Some(jail_dir.clone()),
+        dir: jail_dir.clone(),
         cgroups: Vec::new(),
         run: None,
         keep: false,
     };
     let root = spec.root();
-    layout(&spec, &root, &files)?;
+    layout(&root, &files)?;
     // /run: a tmpfs the size of --run-size, so that the VMM cannot fill the host's disk, mounted
     // here (not in the VMM's namespace) so that the host sees the API socket in it.
     let run = root.join("run");
@@ -1188,8 +1199,7 @@ pub fn run(args: &JailArgs, terminate: RawFd) -> Result<i32, JailError> {
     leftovers.run = Some(run);
     let mut cgroup_procs = Vec::new();
     if let Some(p) = &cg_plan {
-        let made = p.create(&mut leftovers.cgroups);
-        made?;
+        p.create(&mut leftovers.cgroups)?;
         cgroup_procs = p.dirs.iter().map(|d| d.dir.join("cgroup.procs")).collect();
     }
     let plan = ChildPlan {
@@ -1201,7 +1211,6 @@ pub fn run(args: &JailArgs, terminate: RawFd) -> Result<i32, JailError> {
         devices: devs,
         cgroup_procs,
         netns,
-        last_cap,
         rlimits: spec.rlimits.clone(),
         argv,
     };
@@ -1357,9 +1366,9 @@ fn open_netns(p: &Path) -> Result<OwnedFd, JailError> {
     Ok(OwnedFd::from(f))
 }
 
-/// Makes the jail's tree on the host: directories and mount-point files, owned by root except
-/// /run (the VMM's, and soon a tmpfs).
-fn layout(spec: &JailSpec, root: &Path, files: &[JailFile]) -> Result<(), JailError> {
+/// Makes the jail's tree on the host: directories and mount-point files, owned by root. (/run
+/// too: the VMM only ever sees the tmpfs the jailer mounts over it, with the VMM's ids.)
+fn layout(root: &Path, files: &[JailFile]) -> Result<(), JailError> {
     let mk = |d: &Path| {
         fs::DirBuilder::new()
             .recursive(true)
@@ -1377,16 +1386,9 @@ fn layout(spec: &JailSpec, root: &Path, files: &[JailFile]) -> Result<(), JailEr
             .map_err(io_err("make", f))
     };
     mk(root)?;
-    for d in ["dev", "proc"] {
+    for d in ["dev", "proc", "run"] {
         mk(&root.join(d))?;
     }
-    let run = root.join("run");
-    fs::DirBuilder::new()
-        .mode(0o750)
-        .create(&run)
-        .map_err(io_err("make", &run))?;
-    std::os::unix::fs::chown(&run, Some(spec.uid), Some(spec.gid))
-        .map_err(io_err("chown", &run))?;
     touch(&root.join(JAIL_EXE.trim_start_matches('/')))?;
     for f in files {
         let at = root.join(f.inside.strip_prefix("/").unwrap_or(&f.inside));
@@ -1493,7 +1495,43 @@ struct CapData {
 
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
+/// SIGKILL this process when the jailer (its parent) dies: no VMM, nor half-made jail, runs
+/// unsupervised.
+fn kill_with_parent() -> Result<(), JailError> {
+    check(
+        // SAFETY: prctl with integer arguments only.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } as libc::c_long,
+        "PR_SET_PDEATHSIG",
+    )?;
+    Ok(())
+}
+
+/// True once the jailer is gone: it holds the read end of the error pipe (`err_fd` is the
+/// write end) until the exec, so a write end with no reader left polls as POLLERR.
+/// (getppid() cannot tell: the parent is outside the child's PID namespace, so it reads 0.)
+fn parent_gone(err_fd: RawFd) -> Result<bool, JailError> {
+    let mut pfd = libc::pollfd {
+        fd: err_fd,
+        events: 0,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd, alive for the call; a zero timeout never blocks.
+        let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+        if rc >= 0 {
+            return Ok(pfd.revents & (libc::POLLERR | libc::POLLHUP) != 0);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(JailError::Sys("poll", e));
+        }
+    }
+}
+
 fn child(p: &ChildPlan, err_fd: RawFd) -> Result<Infallible, JailError> {
+    // Set now, so a jailer killed during the set-up below takes the child with it; the uid
+    // change clears it, so it is set again after that.
+    kill_with_parent()?;
     // Its own session: the host terminal (if any) is no longer its controlling terminal, so
     // TIOCSTI and terminal signals cannot reach through it.
     // SAFETY: setsid has no preconditions; a fresh child is never a group leader.
@@ -1596,7 +1634,9 @@ fn child(p: &ChildPlan, err_fd: RawFd) -> Result<Infallible, JailError> {
         unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } as libc::c_long,
         "PR_SET_NO_NEW_PRIVS",
     )?;
-    for cap in 0..=p.last_cap {
+    // Every capability number the 64-bit capability sets can hold: the kernel answers EINVAL
+    // for one it does not know (and only then: prctl(2)), which is nothing to drop.
+    for cap in 0..64 {
         // SAFETY: prctl with integer arguments only; needs CAP_SETPCAP, which root has here.
         let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
         if rc != 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
@@ -1645,12 +1685,14 @@ fn child(p: &ChildPlan, err_fd: RawFd) -> Result<Infallible, JailError> {
         "capset",
     )?;
     // The jailer dying (even by SIGKILL) takes the VMM with it: no unsupervised VMM. Set
-    // after the uid change, which clears it.
-    check(
-        // SAFETY: prctl with integer arguments only.
-        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } as libc::c_long,
-        "PR_SET_PDEATHSIG",
-    )?;
+    // again after the uid change, which clears it (prctl(2)), then check that the jailer did
+    // not die while it was cleared: from here on, its death is a SIGKILL.
+    kill_with_parent()?;
+    if parent_gone(err_fd)? {
+        return Err(JailError::Child(
+            "the jailer died before the VMM ran".into(),
+        ));
+    }
 
     for (r, n) in &p.rlimits {
         let l = libc::rlimit {
@@ -1720,7 +1762,7 @@ fn enter_root(root: &Path) -> Result<(), JailError> {
 
 /// Default dispositions and an empty mask: exec keeps ignored signals and the mask.
 fn reset_signals() -> Result<(), JailError> {
-    for sig in 1..libc::SIGRTMAX() {
+    for sig in 1..=libc::SIGRTMAX() {
         if sig == libc::SIGKILL || sig == libc::SIGSTOP {
             continue;
         }
@@ -1789,6 +1831,21 @@ mod tests {
     }
 
     #[test]
+    fn thread_count() {
+        // The test harness runs each test on a thread of its own, beside the main one.
+        assert!(threads().unwrap() >= 1);
+    }
+
+    /// The child's "is the jailer still there" test: the error pipe's read end, open or not.
+    #[test]
+    fn parent_gone_sees_the_reader_close() {
+        let (r, w) = pipe().unwrap();
+        assert!(!parent_gone(w.as_raw_fd()).unwrap());
+        drop(r);
+        assert!(parent_gone(w.as_raw_fd()).unwrap());
+    }
+
+    #[test]
     fn ids() {
         assert!(valid_id("a-B_9"));
         assert!(valid_id(&"x".repeat(64)));
@@ -1839,6 +1896,98 @@ mod tests {
         }
     }
 
+    /// The jail's byte sizes take the same spellings as the VMM's (`--disk bw=16MiB`).
+    #[test]
+    fn byte_sizes_take_both_spellings() {
+        for (v, n) in [
+            ("16M", 16u64 << 20),
+            ("16MiB", 16 << 20),
+            ("16mi", 16 << 20),
+            ("1024K", 1 << 20),
+            ("1024KiB", 1 << 20),
+            ("1G", 1 << 30),
+            ("1GiB", 1 << 30),
+            ("1T", 1 << 40),
+            ("1TiB", 1 << 40),
+            ("1048576", 1 << 20),
+        ] {
+            let s = args(&["--run-size", v, "--", "run"]).unwrap();
+            assert_eq!(s.run_size, n, "--run-size {v}");
+            let l = parse_limits(&[format!("memory.max={v}")]).unwrap();
+            assert_eq!(l.memory_max, Some(Max::Value(n)), "memory.max={v}");
+            let r = parse_rlimits(&[format!("fsize={v}")]).unwrap();
+            assert_eq!(r, vec![(Rlimit::Core, 0), (Rlimit::Fsize, n)], "fsize={v}");
+        }
+        for bad in ["16MB", "16 M", "M", "-1M", "1P", "99999999999T"] {
+            assert!(
+                matches!(
+                    args(&[&format!("--run-size={bad}"), "--", "run"]),
+                    Err(JailError::BadRunSize(_))
+                ),
+                "{bad}"
+            );
+            assert!(
+                parse_limits(&[format!("memory.max={bad}")]).is_err(),
+                "{bad}"
+            );
+            assert!(parse_rlimits(&[format!("fsize={bad}")]).is_err(), "{bad}");
+        }
+    }
+
+    /// The global --seccomp/--no-seccomp reach the VMM, in front of its own arguments.
+    #[test]
+    fn seccomp_flags_are_passed_on() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct T {
+            #[command(flatten)]
+            a: JailArgs,
+        }
+        let with = |flags: &[&str], vmm: &[&str]| {
+            let mut v = vec!["t", "--id", "j", "--uid", "1", "--gid", "1", "--"];
+            v.extend_from_slice(vmm);
+            let mut a = T::try_parse_from(v).unwrap().a;
+            a.vmm_flags = flags.iter().map(|s| s.to_string()).collect();
+            JailSpec::from_args(&a)
+        };
+        assert_eq!(with(&[], &["run"]).unwrap().vmm_args, ["run"]);
+        assert_eq!(
+            with(&["--seccomp", "log"], &["run", "--rng"])
+                .unwrap()
+                .vmm_args,
+            ["--seccomp", "log", "run", "--rng"]
+        );
+        assert_eq!(
+            with(&["--no-seccomp"], &["--api-sock", "/run/a"])
+                .unwrap()
+                .vmm_args,
+            ["--no-seccomp", "--api-sock", "/run/a"]
+        );
+        // Inside only: left as it is.
+        assert_eq!(
+            with(&[], &["run", "--seccomp", "log"]).unwrap().vmm_args,
+            ["run", "--seccomp", "log"]
+        );
+        for inner in [
+            &["run", "--seccomp", "kill"][..],
+            &["run", "--seccomp=log"],
+            &["--no-seccomp", "run"],
+        ] {
+            assert!(
+                matches!(
+                    with(&["--seccomp", "log"], inner),
+                    Err(JailError::SeccompTwice)
+                ),
+                "{inner:?}"
+            );
+        }
+        // The program-name check still looks at the arguments as typed.
+        assert!(matches!(
+            with(&["--no-seccomp"], &["ledge", "run"]),
+            Err(JailError::ProgramName(_))
+        ));
+    }
+
     #[test]
     fn files() {
         let f = parse_file("/etc/hostname").unwrap();
@@ -1871,6 +2020,21 @@ mod tests {
             "run",
         ]);
         assert!(e.unwrap_err().to_string().contains("overlaps"));
+        // By path components: /lib holds /lib/x/libc.so.6, /lib2 and /li do not.
+        let libc = JailFile {
+            host: "/h".into(),
+            inside: "/lib/x/libc.so.6".into(),
+            writable: false,
+            is_dir: false,
+            exec: true,
+        };
+        let libs = [libc];
+        for p in ["/lib", "/lib/x", "/lib/x/libc.so.6", "/lib/x/libc.so.6/y"] {
+            assert!(overlap(&libs, Path::new(p)).is_some(), "{p}");
+        }
+        for p in ["/lib2", "/li", "/lib/y", "/lib/x/libc.so"] {
+            assert!(overlap(&libs, Path::new(p)).is_none(), "{p}");
+        }
     }
 
     #[test]
@@ -1925,7 +2089,7 @@ mod tests {
         }
     }
 
-    fn req(parent: &str, version: Option<u8>) -> CgroupRequest {
+    fn req(parent: &str, version: CgroupVersion) -> CgroupRequest {
         CgroupRequest {
             limits: parse_limits(&[
                 "memory.max=1G".into(),
@@ -1950,8 +2114,8 @@ mod tests {
     fn v1_plan() {
         let own = "4:memory:/outer/x\n2:cpu,cpuacct:/\n0::/\n";
         let read = |_: &Path| Ok::<_, io::Error>("hugetlb\n".to_string());
-        let p = CgroupPlan::new(&req("nest", None), "j", HYBRID, own, read).unwrap();
-        assert_eq!(p.version, 1);
+        let p = CgroupPlan::new(&req("nest", CgroupVersion::Auto), "j", HYBRID, own, read).unwrap();
+        assert_eq!(p.v2_enable, None, "a v1 plan");
         assert_eq!(
             p.dirs,
             vec![
@@ -1972,12 +2136,14 @@ mod tests {
                 },
             ]
         );
-        let p = CgroupPlan::new(&req("/ledge", None), "j", HYBRID, own, read).unwrap();
+        let p =
+            CgroupPlan::new(&req("/ledge", CgroupVersion::Auto), "j", HYBRID, own, read).unwrap();
         assert_eq!(p.dirs[0].dir, Path::new("/sys/fs/cgroup/memory/ledge/j"));
         // v2 is there, but without the controllers.
-        let e = CgroupPlan::new(&req("/ledge", Some(2)), "j", HYBRID, own, read).unwrap_err();
+        let e =
+            CgroupPlan::new(&req("/ledge", CgroupVersion::V2), "j", HYBRID, own, read).unwrap_err();
         assert!(e.to_string().contains("lacks the memory, cpu, pids"), "{e}");
-        let e = CgroupPlan::new(&req("/l", None), "j", "", own, read).unwrap_err();
+        let e = CgroupPlan::new(&req("/l", CgroupVersion::Auto), "j", "", own, read).unwrap_err();
         assert!(e.to_string().contains("--no-cgroup"), "{e}");
     }
 
@@ -1988,10 +2154,8 @@ mod tests {
         let base = std::env::temp_dir().join(format!("ledge-jail-cg-{}", std::process::id()));
         let _ = fs::remove_dir_all(&base);
         fs::create_dir_all(base.join("svc")).unwrap();
-        fs::create_dir_all(base.join("ledge/a")).unwrap();
-        for d in ["", "ledge", "ledge/a"] {
-            fs::write(base.join(d).join("cgroup.subtree_control"), "").unwrap();
-        }
+        // The parent /ledge/a is not there yet: create makes it.
+        fs::write(base.join("cgroup.subtree_control"), "").unwrap();
         fs::write(
             base.join("cgroup.controllers"),
             "cpuset cpu io memory pids\n",
@@ -2003,8 +2167,9 @@ mod tests {
         );
         let own = "0::/svc\n";
         let read = |p: &Path| fs::read_to_string(p);
-        let p = CgroupPlan::new(&req("/ledge/a", None), "j", &mi, own, read).unwrap();
-        assert_eq!(p.version, 2);
+        let p =
+            CgroupPlan::new(&req("/ledge/a", CgroupVersion::Auto), "j", &mi, own, read).unwrap();
+        assert_eq!(p.v2_enable, Some((base.clone(), "ledge/a".into())));
         assert_eq!(p.dirs[0].dir, base.join("ledge/a/j"));
         let mut made = Vec::new();
         // Appends, as the kernel's subtree_control accumulates.
@@ -2037,7 +2202,7 @@ mod tests {
             .to_string();
         assert!(e.contains("exists"), "{e}");
         // Relative to the jailer's own cgroup.
-        let p = CgroupPlan::new(&req("sub", Some(2)), "j", &mi, own, read).unwrap();
+        let p = CgroupPlan::new(&req("sub", CgroupVersion::V2), "j", &mi, own, read).unwrap();
         assert_eq!(p.dirs[0].dir, base.join("svc/sub/j"));
         fs::remove_dir_all(&base).unwrap();
     }

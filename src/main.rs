@@ -87,6 +87,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let terminate = install_termination_handler()?;
     let seccomp = cli.seccomp_level();
+    let seccomp_args = cli.seccomp_args();
     match cli.command {
         Some(Command::ExportProbe { path }) => {
             std::fs::write(&path, ledge::probe::PROBE_ELF)
@@ -95,7 +96,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Some(Command::Snapshot(cmd)) => snapshot_command(cmd),
         Some(Command::Restore(args)) => restore(&cli.id, &args, seccomp, terminate),
-        Some(Command::Jail(args)) => {
+        Some(Command::Jail(mut args)) => {
+            // The jailer installs no filter of its own: the flags are the VMM's.
+            args.vmm_flags = seccomp_args;
             let status = ledge::jail::run(&args, std::os::fd::AsRawFd::as_raw_fd(&terminate))?;
             Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)))
         }

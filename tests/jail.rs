@@ -896,3 +896,72 @@ fn jail_daemonize_returns_once_the_vmm_runs() {
     tidy_parent_cgroup();
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// The Seccomp mode (0 none, 2 filter) of every thread of `pid`.
+fn seccomp_modes(pid: u32) -> Vec<String> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|t| {
+            let s = fs::read_to_string(t.unwrap().path().join("status")).unwrap();
+            let mode = s.lines().find_map(|l| l.strip_prefix("Seccomp:"));
+            mode.expect("a Seccomp: line").trim().to_string()
+        })
+        .collect()
+}
+
+/// `ledge --seccomp ACTION jail ...` / `ledge --no-seccomp jail ...`: the flag reaches the
+/// jailed VMM (it used to be dropped, leaving the VMM on the default kill filters); given on
+/// both sides of `--` it is refused.
+#[test]
+fn jail_passes_the_global_seccomp_flags_on() {
+    let test = "jail_passes_the_global_seccomp_flags_on";
+    let Some((dir, base, id)) = jail_test(test, "seccomp") else {
+        return;
+    };
+    let jail_dir = base.join(&id);
+    for (global, want_mode) in [(&["--no-seccomp"][..], "0"), (&["--seccomp", "log"], "2")] {
+        let mut cmd = Command::new(ledge_bin());
+        cmd.args(global)
+            .args(jail_args(
+                &base,
+                &id,
+                &["--no-cgroup"],
+                &["run", "--cmdline", "probe=count"],
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut l = Ledge::adopt(cmd.spawn().expect("spawn ledge jail"));
+        let pid = wait_vmm_pid(&mut l, &jail_dir);
+        l.wait_count_above(None, "the jailed guest runs");
+        // The VMM's own command line: the flag in front of the arguments after --.
+        let cmdline = fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap();
+        let argv: Vec<&str> = cmdline.split_terminator('\0').collect();
+        let mut want = vec!["ledge"];
+        want.extend_from_slice(global);
+        want.extend_from_slice(&["run", "--cmdline", "probe=count"]);
+        assert_eq!(argv, want, "{global:?}");
+        // And in force: no filter at all with --no-seccomp, filters on every thread with log.
+        let modes = seccomp_modes(pid);
+        assert!(modes.len() >= 2, "a VMM and a vCPU thread: {modes:?}");
+        assert!(
+            modes.iter().all(|m| m == want_mode),
+            "{global:?}: {modes:?}"
+        );
+        // Its /run (the tmpfs the jailer mounts with the VMM's ids) is the VMM's alone.
+        let run = fs::metadata(format!("/proc/{pid}/root/run")).unwrap();
+        assert_eq!(
+            (run.uid(), run.gid(), run.mode() & 0o777),
+            (UID, GID, 0o750)
+        );
+        let st = l.terminate();
+        assert_eq!(st.code(), Some(0), "{}", l.diag());
+        assert!(!jail_dir.exists(), "{} is left behind", jail_dir.display());
+    }
+    let mut v = vec!["--seccomp", "log"];
+    let args = jail_args(&base, &id, &["--no-cgroup"], &["run", "--no-seccomp"]);
+    v.extend(args.iter().map(String::as_str));
+    common::ledge(&v, LIMIT).assert_clean_error("on one side only");
+    assert!(!jail_dir.exists());
+    let _ = fs::remove_dir_all(&dir);
+}
