@@ -903,8 +903,7 @@ fn seccomp_modes(pid: u32) -> Vec<String> {
         .unwrap()
         .map(|t| {
             let s = fs::read_to_string(t.unwrap().path().join("status")).unwrap();
-            let mode = s.lines().find_map(|l| l.strip_prefix("Seccomp:"));
-            mode.expect("a Seccomp: line").trim().to_string()
+            common::proc_field(&s, "Seccomp").expect("a Seccomp: line")
         })
         .collect()
 }
