@@ -393,6 +393,50 @@ pub fn apply(kind: ThreadKind, program: &BpfProgram) -> Result<(), SeccompError>
     seccompiler::apply_filter(program).map_err(|e| SeccompError::Install(kind, e))
 }
 
+/// Why `spawn_filtered` has no thread to give.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("the system gave no new thread")]
+    Spawn(#[source] std::io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
+    #[error("the thread ended before it installed its seccomp filter")]
+    Gone,
+}
+
+/// Starts the thread `name`, which installs `filter` (the compiled filter of `kind`; None:
+/// none) first thing, before `f` runs, and returns once the filter is in place, or with why
+/// it is not: then the thread has ended without running `f`.
+pub fn spawn_filtered(
+    name: String,
+    kind: ThreadKind,
+    filter: Option<BpfProgram>,
+    f: impl FnOnce() + Send + 'static,
+) -> Result<std::thread::JoinHandle<()>, SpawnError> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+    let thread = std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            let installed = filter.as_ref().map_or(Ok(()), |p| apply(kind, p));
+            let ok = installed.is_ok();
+            let _ = ready_tx.send(installed);
+            if ok {
+                f();
+            }
+        })
+        .map_err(SpawnError::Spawn)?;
+    // No answer means the thread ended early: it can only have panicked.
+    let installed = ready_rx
+        .recv()
+        .map_err(|_| SpawnError::Gone)
+        .and_then(|r| r.map_err(SpawnError::Seccomp));
+    if let Err(e) = installed {
+        let _ = thread.join();
+        return Err(e);
+    }
+    Ok(thread)
+}
+
 /// Builds and installs the filter of `kind` on the calling thread (nothing for `Off`).
 pub fn install(kind: ThreadKind, level: SeccompLevel) -> Result<(), SeccompError> {
     match filter(kind, level)? {

@@ -93,11 +93,9 @@ pub enum ApiServerError {
     #[error("cannot set up the api event loop")]
     EventLoop(#[source] io::Error),
     #[error("cannot start the api thread")]
-    Spawn(#[source] io::Error),
+    Start(#[source] crate::seccomp::SpawnError),
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
-    #[error("the api thread ended before serving")]
-    Gone,
 }
 
 /// Tunables; the defaults are the documented limits.
@@ -195,30 +193,13 @@ impl ApiServer {
         )
         .map_err(ApiServerError::EventLoop)
         .map_err(remove_on_error)?;
-        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
-        let thread = std::thread::Builder::new()
-            .name("api".into())
-            .spawn(move || {
-                // Before the first connection is accepted.
-                let installed = filter
-                    .as_ref()
-                    .map_or(Ok(()), |f| crate::seccomp::apply(ThreadKind::Api, f));
-                let ok = installed.is_ok();
-                let _ = ready_tx.send(installed);
-                if ok {
-                    server.run();
-                }
+        // The filter goes on before the first connection is accepted.
+        let thread =
+            crate::seccomp::spawn_filtered("api".into(), ThreadKind::Api, filter, move || {
+                server.run()
             })
-            .map_err(ApiServerError::Spawn)
+            .map_err(ApiServerError::Start)
             .map_err(remove_on_error)?;
-        let installed = match ready_rx.recv() {
-            Ok(r) => r.map_err(ApiServerError::Seccomp),
-            Err(_) => Err(ApiServerError::Gone),
-        };
-        if let Err(e) = installed {
-            let _ = thread.join();
-            return Err(remove_on_error(e));
-        }
         Ok((
             ApiServer {
                 path: path.to_path_buf(),

@@ -13,7 +13,7 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -36,7 +36,7 @@ pub enum VcpuError {
     #[error("cannot install the vcpu kick signal handler")]
     SignalHandler(#[source] vmm_sys_util::errno::Error),
     #[error("cannot start the thread for vcpu {0}")]
-    Spawn(u8, #[source] std::io::Error),
+    Start(u8, #[source] crate::seccomp::SpawnError),
     #[error("vcpu {0} thread is gone")]
     Gone(u8),
     #[error("vcpu {0} did not answer within {1:?}")]
@@ -45,8 +45,6 @@ pub enum VcpuError {
     Kick(u8, #[source] vmm_sys_util::errno::Error),
     #[error("cannot save the state of vcpu {0}")]
     Save(u8, #[source] crate::arch::x86_64::state::StateError),
-    #[error("vcpu {0}")]
-    Seccomp(u8, #[source] crate::seccomp::SeccompError),
 }
 
 /// What the VMM asks of a vCPU thread.
@@ -281,27 +279,14 @@ impl Vcpu {
         let (cmd_tx, cmd_rx) = channel();
         let (evt_tx, evt_rx) = channel();
         let (state_tx, state_rx) = channel();
-        let (ready_tx, ready_rx) = sync_channel(1);
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || {
-                // Before anything else, and so before the first KVM_RUN.
-                let installed = filter
-                    .as_ref()
-                    .map_or(Ok(()), |f| crate::seccomp::apply(ThreadKind::Vcpu, f));
-                let ok = installed.is_ok();
-                let _ = ready_tx.send(installed);
-                if ok {
-                    self.thread_main(cmd_rx, evt_tx, state_tx);
-                }
-            })
-            .map_err(|e| VcpuError::Spawn(id, e))?;
-        // No answer means the thread ended early: it can only have panicked.
-        let installed = ready_rx.recv().map_err(|_| VcpuError::Gone(id));
-        if let Err(e) = installed.and_then(|r| r.map_err(|e| VcpuError::Seccomp(id, e))) {
-            let _ = thread.join();
-            return Err(e);
-        }
+        // The filter goes on before anything else, and so before the first KVM_RUN.
+        let thread = crate::seccomp::spawn_filtered(
+            format!("vcpu{id}"),
+            ThreadKind::Vcpu,
+            filter,
+            move || self.thread_main(cmd_rx, evt_tx, state_tx),
+        )
+        .map_err(|e| VcpuError::Start(id, e))?;
         Ok(VcpuHandle {
             id,
             commands: cmd_tx,
