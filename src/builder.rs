@@ -289,11 +289,10 @@ fn assemble(
         if d.root {
             root_arg = format!("root=/dev/vda {}", if d.read_only { "ro" } else { "rw" });
         }
-        virtio.add(&vm, &mem, format!("block:{}", blk.id()), blk)?;
+        virtio.add(&vm, &mem, d.device_name(i), blk)?;
     }
     for (i, n) in config.nets.iter().enumerate() {
-        let name = format!("net:{}", n.id.as_deref().unwrap_or(&n.tap));
-        virtio.add(&vm, &mem, name, Net::new(n, i)?)?;
+        virtio.add(&vm, &mem, n.device_name(), Net::new(n, i)?)?;
     }
     if let Some(v) = &config.vsock {
         virtio.add(&vm, &mem, "vsock".into(), Vsock::new(v)?)?;

@@ -130,6 +130,20 @@ pub struct DiskConfig {
     pub rate_limiter: Option<RateLimiterConfig>,
 }
 
+impl DiskConfig {
+    /// The drive's id: the configured one, or "diskN" for the disk at `index`. The guest reads
+    /// it with GET_ID and the API names the drive by it.
+    pub fn drive_id(&self, index: usize) -> String {
+        self.id.clone().unwrap_or_else(|| format!("disk{index}"))
+    }
+
+    /// The VMM's name of the disk's device ("block:ID"), by which metrics report it and live
+    /// updates find it.
+    pub fn device_name(&self, index: usize) -> String {
+        format!("block:{}", self.drive_id(index))
+    }
+}
+
 /// One virtio-net interface on a TAP device.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -147,6 +161,14 @@ pub struct NetConfig {
     /// Limits on frames from the guest to the TAP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+impl NetConfig {
+    /// The VMM's name of the interface's device ("net:" and its id, or its TAP's name), by
+    /// which metrics report it and live updates find it.
+    pub fn device_name(&self) -> String {
+        format!("net:{}", self.id.as_deref().unwrap_or(&self.tap))
+    }
 }
 
 /// virtio-vsock: the guest's context id and the host socket it is reached through.
@@ -685,12 +707,7 @@ impl VmConfig {
         for (i, d) in self.disks.iter().enumerate() {
             check_path("disk path", Some(&d.path))?;
             check_limiter(
-                || {
-                    format!(
-                        "disk {}",
-                        d.id.clone().unwrap_or_else(|| format!("disk{i}"))
-                    )
-                },
+                || format!("disk {}", d.drive_id(i)),
                 "rate_limiter",
                 &d.rate_limiter,
             )?;

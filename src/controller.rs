@@ -517,11 +517,11 @@ impl Controller {
     /// (`GET /vm/config` and snapshots show the limits in force).
     fn patch_drive(&mut self, p: &types::DrivePatch) -> Reply {
         let (index, update) = p.check(&self.config)?;
+        let name = self.config.disks[index].device_name(index);
         let vmm = self.running_vmm("PATCH /drives")?;
         let Some(update) = update else {
             return Ok(Response::NoContent);
         };
-        let name = format!("block:{}", p.drive_id);
         let now = vmm
             .update_rate_limiter(&name, "rate_limiter", &update)
             .map_err(|e| ApiError::bad_request(error_chain(&e)))?;
@@ -535,8 +535,7 @@ impl Controller {
     /// `PATCH /network-interfaces/{id}` on a started VM: each limiter given, as for drives.
     fn patch_network_interface(&mut self, p: &types::NetworkInterfacePatch) -> Reply {
         let index = p.check(&self.config)?;
-        let n = &self.config.nets[index];
-        let name = format!("net:{}", n.id.as_deref().unwrap_or(&n.tap));
+        let name = self.config.nets[index].device_name();
         let vmm = self.running_vmm("PATCH /network-interfaces")?;
         let mut done = [None, None];
         for (slot, field, update) in [

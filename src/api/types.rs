@@ -411,7 +411,7 @@ impl Drive {
             .iter()
             .enumerate()
             .map(|(i, d)| Drive {
-                drive_id: d.id.clone().unwrap_or_else(|| format!("disk{i}")),
+                drive_id: d.drive_id(i),
                 path_on_host: Some(d.path.display().to_string()),
                 is_root_device: d.root,
                 is_read_only: Some(d.read_only),

@@ -212,7 +212,7 @@ impl Block {
     /// written). `index` is the disk's position in the configuration, for the default id.
     pub fn new(cfg: &DiskConfig, index: usize) -> Result<Block, BlockError> {
         let path = cfg.path.clone();
-        let id_str = cfg.id.clone().unwrap_or_else(|| format!("disk{index}"));
+        let id_str = cfg.drive_id(index);
         let mut id = [0u8; ID_LEN];
         match id.get_mut(..id_str.len()) {
             Some(dst) => dst.copy_from_slice(id_str.as_bytes()),
