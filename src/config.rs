@@ -171,6 +171,45 @@ impl NetConfig {
     }
 }
 
+/// Where a device's rate limiter is in the configuration: disk `i`'s, or network interface
+/// `i`'s receive or transmit one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimiterSlot {
+    Disk(usize),
+    NetRx(usize),
+    NetTx(usize),
+}
+
+impl LimiterSlot {
+    /// The field's name in the API and in configuration files.
+    pub fn field(self) -> &'static str {
+        match self {
+            LimiterSlot::Disk(_) => "rate_limiter",
+            LimiterSlot::NetRx(_) => "rx_rate_limiter",
+            LimiterSlot::NetTx(_) => "tx_rate_limiter",
+        }
+    }
+
+    /// The VMM's name of the device (None: `c` has no such device).
+    pub fn device_name(self, c: &VmConfig) -> Option<String> {
+        match self {
+            LimiterSlot::Disk(i) => c.disks.get(i).map(|d| d.device_name(i)),
+            LimiterSlot::NetRx(i) | LimiterSlot::NetTx(i) => {
+                c.nets.get(i).map(NetConfig::device_name)
+            }
+        }
+    }
+
+    /// The limits in `c` (None: `c` has no such device).
+    pub fn limits_mut(self, c: &mut VmConfig) -> Option<&mut Option<RateLimiterConfig>> {
+        match self {
+            LimiterSlot::Disk(i) => c.disks.get_mut(i).map(|d| &mut d.rate_limiter),
+            LimiterSlot::NetRx(i) => c.nets.get_mut(i).map(|n| &mut n.rx_rate_limiter),
+            LimiterSlot::NetTx(i) => c.nets.get_mut(i).map(|n| &mut n.tx_rate_limiter),
+        }
+    }
+}
+
 /// virtio-vsock: the guest's context id and the host socket it is reached through.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

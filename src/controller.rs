@@ -26,10 +26,11 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::api::types::{self, ActionType, VmStateChange};
 use crate::api::{ApiError, ApiReceiver, ApiRequest, Reply, Request, Response};
 use crate::builder::BuildError;
-use crate::config::VmConfig;
+use crate::config::{LimiterSlot, VmConfig};
 use crate::devices::legacy::SerialOut;
 use crate::devices::virtio::balloon::Balloon;
 use crate::exit::VmExit;
+use crate::rate_limiter::RateLimiterConfig;
 use crate::vmm::{VmState, Vmm, VmmError};
 
 /// How often metrics are written while a metrics file is set.
@@ -517,47 +518,25 @@ impl Controller {
     /// (`GET /vm/config` and snapshots show the limits in force).
     fn patch_drive(&mut self, p: &types::DrivePatch) -> Reply {
         let (index, update) = p.check(&self.config)?;
-        let name = self.config.disks[index].device_name(index);
-        let vmm = self.running_vmm("PATCH /drives")?;
-        let Some(update) = update else {
-            return Ok(Response::NoContent);
-        };
-        let now = vmm
-            .update_rate_limiter(&name, "rate_limiter", &update)
-            .map_err(|e| ApiError::bad_request(error_chain(&e)))?;
-        let now = now.effective();
-        vmm.set_disk_limiter(index, now);
-        self.config.disks[index].rate_limiter = now;
-        log::info!("drive {}: rate limiter now {now:?}", p.drive_id);
+        let updates = [(LimiterSlot::Disk(index), update)];
+        self.patch_limiters("PATCH /drives", &updates)?;
+        log::info!(
+            "drive {}: rate limiter now {:?}",
+            p.drive_id,
+            self.config.disks[index].rate_limiter
+        );
         Ok(Response::NoContent)
     }
 
     /// `PATCH /network-interfaces/{id}` on a started VM: each limiter given, as for drives.
     fn patch_network_interface(&mut self, p: &types::NetworkInterfacePatch) -> Reply {
         let index = p.check(&self.config)?;
-        let name = self.config.nets[index].device_name();
-        let vmm = self.running_vmm("PATCH /network-interfaces")?;
-        let mut done = [None, None];
-        for (slot, field, update) in [
-            (0, "rx_rate_limiter", &p.rx_rate_limiter),
-            (1, "tx_rate_limiter", &p.tx_rate_limiter),
-        ] {
-            if let Some(u) = update {
-                let now = vmm
-                    .update_rate_limiter(&name, field, u)
-                    .map_err(|e| ApiError::bad_request(error_chain(&e)))?;
-                done[slot] = Some(now.effective());
-            }
-        }
-        let [rx, tx] = done;
-        vmm.set_net_limiters(index, rx, tx);
-        let n = &mut self.config.nets[index];
-        if let Some(rx) = rx {
-            n.rx_rate_limiter = rx;
-        }
-        if let Some(tx) = tx {
-            n.tx_rate_limiter = tx;
-        }
+        let updates = [
+            (LimiterSlot::NetRx(index), p.rx_rate_limiter),
+            (LimiterSlot::NetTx(index), p.tx_rate_limiter),
+        ];
+        self.patch_limiters("PATCH /network-interfaces", &updates)?;
+        let n = &self.config.nets[index];
         log::info!(
             "network interface {}: rate limiters now rx {:?} tx {:?}",
             p.iface_id,
@@ -565,6 +544,31 @@ impl Controller {
             n.tx_rate_limiter
         );
         Ok(Response::NoContent)
+    }
+
+    /// The updates given (None: that limiter stays as it is), on the running VM's devices and
+    /// then in this configuration.
+    fn patch_limiters(
+        &mut self,
+        what: &str,
+        updates: &[(LimiterSlot, Option<RateLimiterConfig>)],
+    ) -> Result<(), ApiError> {
+        let vmm = self.running_vmm(what)?;
+        let mut done = Vec::with_capacity(updates.len());
+        for (slot, update) in updates {
+            if let Some(u) = update {
+                let now = vmm
+                    .update_rate_limiter(*slot, u)
+                    .map_err(|e| ApiError::bad_request(error_chain(&e)))?;
+                done.push((*slot, now));
+            }
+        }
+        for (slot, now) in done {
+            if let Some(limits) = slot.limits_mut(&mut self.config) {
+                *limits = now;
+            }
+        }
+        Ok(())
     }
 
     fn create_snapshot(&mut self, p: &types::SnapshotCreateParams) -> Reply {

@@ -368,64 +368,42 @@ impl Vmm {
         })
     }
 
-    /// PATCH semantics on a live device's rate limiter (`device` as `devices()` names it,
-    /// `field` the API's name); returns the limits now in force. The caller records them in
-    /// the configuration (`set_disk_limiter`, `set_net_limiters`) so snapshots keep them.
+    /// PATCH semantics on the live rate limiter at `slot`; records the limits now in force in
+    /// the configuration (snapshots keep them) and returns them (None: no limit left).
     pub fn update_rate_limiter(
         &mut self,
-        device: &str,
-        field: &str,
+        slot: crate::config::LimiterSlot,
         update: &crate::rate_limiter::RateLimiterConfig,
-    ) -> Result<crate::rate_limiter::RateLimiterConfig, VmmError> {
+    ) -> Result<Option<crate::rate_limiter::RateLimiterConfig>, VmmError> {
+        let field = slot.field();
+        let device = slot
+            .device_name(&self.config)
+            .ok_or_else(|| VmmError::NoDevice(format!("{slot:?}")))?;
         let dev = self
             .devices
             .iter()
-            .find(|(n, _)| n == device)
+            .find(|(n, _)| *n == device)
             .map(|(_, d)| d.clone())
-            .ok_or_else(|| VmmError::NoDevice(device.to_string()))?;
+            .ok_or_else(|| VmmError::NoDevice(device.clone()))?;
         let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
         let limiter = dev
             .rate_limiter_mut(field)
             .ok_or_else(|| VmmError::NoRateLimiter {
-                device: device.to_string(),
+                device: device.clone(),
                 field: field.to_string(),
             })?;
         limiter
             .update_buckets(update)
             .map_err(|source| VmmError::RateLimiter {
-                device: device.to_string(),
+                device: device.clone(),
                 field: field.to_string(),
                 source,
             })?;
-        Ok(limiter.config())
-    }
-
-    /// Records disk `index`'s limits in the configuration snapshots save.
-    pub fn set_disk_limiter(
-        &mut self,
-        index: usize,
-        limits: Option<crate::rate_limiter::RateLimiterConfig>,
-    ) {
-        if let Some(d) = self.config.disks.get_mut(index) {
-            d.rate_limiter = limits;
+        let now = limiter.config().effective();
+        if let Some(limits) = slot.limits_mut(&mut self.config) {
+            *limits = now;
         }
-    }
-
-    /// Records interface `index`'s limits (None: unchanged) in the configuration.
-    pub fn set_net_limiters(
-        &mut self,
-        index: usize,
-        rx: Option<Option<crate::rate_limiter::RateLimiterConfig>>,
-        tx: Option<Option<crate::rate_limiter::RateLimiterConfig>>,
-    ) {
-        if let Some(n) = self.config.nets.get_mut(index) {
-            if let Some(rx) = rx {
-                n.rx_rate_limiter = rx;
-            }
-            if let Some(tx) = tx {
-                n.tx_rate_limiter = tx;
-            }
-        }
+        Ok(now)
     }
 
     pub fn config(&self) -> &VmConfig {
