@@ -508,7 +508,7 @@ fn probe_net_echoes_frames_through_a_tap() {
     let name = format!("lpd{}", std::process::id() % 1_000_000);
     let tap = Tap::create(&name);
     let net = format!("tap={},mac={}", tap.0, guest_mac());
-    let (mut guest, ready) = spawn_net_echo(&net);
+    let (mut guest, ready) = spawn_net_echo(&net, &[]);
     let seen = guest.seen.join("\n");
     if !device_present(test, &seen, TYPE_NET, "virtio-net") {
         return;

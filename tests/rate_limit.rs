@@ -252,6 +252,109 @@ fn patch_changes_the_limit_of_a_running_disk() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// PATCH /network-interfaces/{id} on a running VM: the guest's transmit side limited to
+/// 256 KiB/s at boot, PATCHed to 512 KiB/s; the echo follows each limit, GET /vm/config shows
+/// the limits in force, a receive limit can be added beside and the transmit one removed, and
+/// nonsense is refused.
+#[test]
+fn patch_changes_the_limits_of_a_running_interface() {
+    let _one = one_vm();
+    let test = "patch_changes_the_limits_of_a_running_interface";
+    if !require_kvm(test)
+        || !require_root(
+            test,
+            "needs root to create a TAP interface and an AF_PACKET socket",
+        )
+    {
+        return;
+    }
+    let dir = scratch(test);
+    let api = dir.join("api.sock");
+    let tap = Tap::create(&format!("lrp{}", std::process::id() % 1_000_000));
+    let net = format!(
+        "tap={},mac={},id=eth0,tx-bw-size=64KiB,tx-bw-refill-ms=250",
+        tap.0,
+        guest_mac()
+    );
+    let (mut guest, ready) = spawn_net_echo(&net, &["--api-sock", api.to_str().unwrap()]);
+    assert!(ready.ends_with(" ready"), "{ready}");
+    let sock = RawSocket::bind(&tap.0);
+    let iface = || get(&api, "/vm/config")["network-interfaces"][0].clone();
+    let patch =
+        |body: serde_json::Value| ok(&api, "PATCH", "/network-interfaces/eth0", &body.to_string());
+    // (frames, the bucket's bytes at the start, MiB/s expected)
+    let measure = |frames: u32, bucket: u64, want: f64, what: &str| {
+        let t0 = Instant::now();
+        let bytes = echo_frames(&sock, frames, 64, None);
+        let secs = t0.elapsed().as_secs_f64();
+        println!(
+            "  {what}: {bytes} bytes in {secs:.3} s: {:.3} MiB/s raw",
+            bytes as f64 / MIB / secs
+        );
+        within(bytes.saturating_sub(bucket) as f64 / MIB / secs, want, what);
+    };
+
+    measure(1400, 64 << 10, 0.25, "tx limited to 256 KiB/s at boot");
+    assert_eq!(
+        iface()["tx_rate_limiter"],
+        serde_json::json!({"bandwidth": {"size": 64 << 10, "refill_time": 250}})
+    );
+    patch(serde_json::json!({"iface_id": "eth0",
+        "tx_rate_limiter": {"bandwidth": {"size": 128 << 10, "refill_time": 250}}}));
+    assert_eq!(
+        iface()["tx_rate_limiter"],
+        serde_json::json!({"bandwidth": {"size": 128 << 10, "refill_time": 250}}),
+        "the config shows the new limit"
+    );
+    // The bucket keeps what it held (at most the old 64 KiB), capped by the new size.
+    measure(2800, 64 << 10, 0.5, "tx PATCHed to 512 KiB/s");
+
+    // Nonsense is refused and changes nothing.
+    bad(
+        &api,
+        "PATCH",
+        "/network-interfaces/eth9",
+        r#"{"iface_id":"eth9","rx_rate_limiter":{"ops":{"size":1,"refill_time":1}}}"#,
+        &["eth9"],
+    );
+    bad(
+        &api,
+        "PATCH",
+        "/network-interfaces/eth0",
+        r#"{"iface_id":"eth0","rx_rate_limiter":{"ops":{"size":0,"refill_time":1,"one_time_burst":9}}}"#,
+        &["rx_rate_limiter", "one_time_burst"],
+    );
+    assert!(iface()["rx_rate_limiter"].is_null(), "{}", iface());
+
+    // A receive limit beside; the transmit one removed (a bucket of size 0).
+    patch(serde_json::json!({"iface_id": "eth0",
+        "rx_rate_limiter": {"ops": {"size": 1000, "refill_time": 100}},
+        "tx_rate_limiter": {"bandwidth": {"size": 0, "refill_time": 0}}}));
+    let n = iface();
+    assert_eq!(
+        n["rx_rate_limiter"],
+        serde_json::json!({"ops": {"size": 1000, "refill_time": 100}}),
+        "{n}"
+    );
+    assert!(
+        n["tx_rate_limiter"].is_null(),
+        "no transmit limit left: {n}"
+    );
+    // 10 000 frames/s leave the echo far above 512 KiB/s.
+    let t0 = Instant::now();
+    let bytes = echo_frames(&sock, 2800, 64, None);
+    let rate = bytes as f64 / MIB / t0.elapsed().as_secs_f64();
+    println!("  tx limit removed: {rate:.3} MiB/s");
+    assert!(rate > 1.0, "without the transmit limit: {rate:.3} MiB/s");
+
+    sock.send(&stop_frame());
+    guest
+        .wait_line(&["net: echoed="], Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("the guest did not stop: {:?}", guest.seen));
+    assert_eq!(guest.wait_exit(Duration::from_secs(30)), Some(0));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// virtio-net: the probe echoes frames the host sends through a TAP (at most 64 unanswered, so
 /// the TAP never drops any). With the guest's transmit side limited to 256 KiB/s the echoes
 /// come back at 256 KiB/s; then the same with the receive side limited. Unlimited, the echo is
@@ -280,7 +383,7 @@ fn net_rx_and_tx_limits_hold_within_ten_percent() {
     let mut free = 0.0;
     for (keys, frames, want) in cases {
         let net = format!("tap={},mac={mac}{keys}", tap.0);
-        let (mut guest, ready) = spawn_net_echo(&net);
+        let (mut guest, ready) = spawn_net_echo(&net, &[]);
         assert!(ready.ends_with(" ready"), "{ready}");
         let sock = RawSocket::bind(&tap.0);
         let t0 = Instant::now();

@@ -100,10 +100,10 @@ pub fn guest_mac() -> String {
         .join(":")
 }
 
-/// `ledge run` with the probe's net-echo scenario on one `--net NET` card, once the guest says
-/// its card is ready (or that it failed): the guest, and that line.
-pub fn spawn_net_echo(net: &str) -> (super::Guest, String) {
-    let mut guest = super::Guest::spawn(&[
+/// `ledge run` (with `extra` arguments) with the probe's net-echo scenario on one `--net NET`
+/// card, once the guest says its card is ready (or that it failed): the guest, and that line.
+pub fn spawn_net_echo(net: &str, extra: &[&str]) -> (super::Guest, String) {
+    let mut args = vec![
         "run",
         "--console",
         "stdio",
@@ -111,7 +111,9 @@ pub fn spawn_net_echo(net: &str) -> (super::Guest, String) {
         net,
         "--cmdline",
         "probe=net-echo net_frames=100000000",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let mut guest = super::Guest::spawn(&args);
     let ready = guest
         .wait_line(&["net: dev=0", "net: error="], Duration::from_secs(60))
         .unwrap_or_else(|| panic!("the guest never said it was ready: {:?}", guest.seen));
