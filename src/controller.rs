@@ -734,10 +734,16 @@ impl Controller {
                 u.amount_mib
             )));
         }
-        lock(&b).set_target_mib(u.amount_mib);
-        if let Some(cfg) = self.config.balloon.as_mut() {
-            cfg.mib = u.amount_mib;
-        }
+        drop(b);
+        self.change_balloon("PATCH /balloon", |b| b.set_target_mib(u.amount_mib))
+    }
+
+    /// `f` on the live balloon; the configuration (this one and the VMM's, which snapshots
+    /// save) follows.
+    fn change_balloon(&mut self, what: &str, f: impl FnOnce(&mut Balloon)) -> Reply {
+        let vmm = self.running_vmm(what)?;
+        vmm.update_balloon(f).ok_or_else(Self::balloon_missing)?;
+        self.config.balloon = vmm.config().balloon.clone();
         Ok(Response::NoContent)
     }
 
@@ -771,18 +777,17 @@ impl Controller {
     }
 
     fn balloon_stats_update(&mut self, u: &types::BalloonStatsUpdate) -> Reply {
-        let (b, _) = self.live_balloon("PATCH /balloon/statistics")?;
-        let mut b = lock(&b);
-        if b.stats_enabled() != (u.stats_polling_interval_s > 0) {
+        let what = "PATCH /balloon/statistics";
+        let (b, _) = self.live_balloon(what)?;
+        if lock(&b).stats_enabled() != (u.stats_polling_interval_s > 0) {
             return Err(ApiError::bad_request(
                 "balloon statistics cannot be turned on or off after boot, only their interval changed",
             ));
         }
-        b.set_stats_interval(u32::from(u.stats_polling_interval_s));
-        if let Some(cfg) = self.config.balloon.as_mut() {
-            cfg.stats_interval_s = u32::from(u.stats_polling_interval_s);
-        }
-        Ok(Response::NoContent)
+        drop(b);
+        self.change_balloon(what, |b| {
+            b.set_stats_interval(u32::from(u.stats_polling_interval_s))
+        })
     }
 }
 

@@ -451,6 +451,19 @@ impl Vmm {
         self.balloon.clone()
     }
 
+    /// Changes the live balloon with `f`, then records its target and statistics interval in
+    /// the configuration (snapshots keep them). None: the VM has no balloon.
+    pub fn update_balloon<T>(&mut self, f: impl FnOnce(&mut Balloon) -> T) -> Option<T> {
+        let b = self.balloon.clone()?;
+        let mut b = b.lock().unwrap_or_else(|e| e.into_inner());
+        let r = f(&mut b);
+        if let Some(cfg) = self.config.balloon.as_mut() {
+            cfg.mib = b.target_mib();
+            cfg.stats_interval_s = b.stats_interval();
+        }
+        Some(r)
+    }
+
     /// The virtio devices, by name.
     pub fn devices(&self) -> &[(String, SharedDevice)] {
         &self.devices

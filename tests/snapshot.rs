@@ -836,3 +836,57 @@ fn a_full_disk_fails_the_snapshot_and_keeps_the_older_one() {
     }
     println!("[snapshot-disk-full] the older snapshot restores and verifies; so does a later one elsewhere");
 }
+
+/// Live changes to the balloon (PATCH /balloon, PATCH /balloon/statistics) are part of the
+/// VM's configuration: a snapshot taken after them restores with them, as GET /balloon and
+/// GET /vm/config of the restored VM show.
+#[test]
+fn a_restored_vm_keeps_its_live_balloon_changes() {
+    if !common::require_kvm("snapshot-balloon") {
+        return;
+    }
+    let _one = common::one_vm();
+    let dir = common::scratch("snap-balloon");
+    let cfg = config_file(
+        &dir,
+        "vm.json",
+        json!({
+            "machine": {"vcpus": 1, "mem_mib": 128},
+            "boot": {"cmdline": "probe=count"},
+            "balloon": {"mib": 0, "stats_interval_s": 5},
+        }),
+    );
+    let (sock, snap, mem) = (dir.join("a.sock"), dir.join("vm.snap"), dir.join("vm.mem"));
+    let mut vm = Ledge::serve(&sock, &["--config-file", s(&cfg)]);
+    vm.wait_count_above(None, "the guest counts");
+    ok(&sock, "PATCH", "/balloon", r#"{"amount_mib":16}"#);
+    ok(
+        &sock,
+        "PATCH",
+        "/balloon/statistics",
+        r#"{"stats_polling_interval_s":2}"#,
+    );
+    let want = |b: &serde_json::Value, what: &str| {
+        assert_eq!(
+            (&b["amount_mib"], &b["stats_polling_interval_s"]),
+            (&json!(16), &json!(2)),
+            "{what}: {b}"
+        );
+    };
+    want(&get(&sock, "/balloon"), "before the snapshot");
+    pause(&sock);
+    create(&sock, &snap, &mem, "Full");
+    vm.signal(libc::SIGKILL);
+    vm.wait_exit(EXIT_LIMIT).expect("SIGKILL");
+
+    let sock2 = dir.join("b.sock");
+    let (mut vm2, _) = restore(&sock2, &snap, &mem, false);
+    want(&get(&sock2, "/balloon"), "the restored VM's GET /balloon");
+    want(
+        &get(&sock2, "/vm/config")["balloon"],
+        "the restored VM's GET /vm/config",
+    );
+    vm2.signal(libc::SIGKILL);
+    let _ = vm2.wait_exit(EXIT_LIMIT);
+    let _ = std::fs::remove_dir_all(&dir);
+}

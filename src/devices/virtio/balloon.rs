@@ -244,6 +244,11 @@ impl Balloon {
         self.stats_enabled
     }
 
+    /// Seconds between statistics requests (0: paused, or no statistics queue).
+    pub fn stats_interval(&self) -> u32 {
+        self.stats_interval_s
+    }
+
     /// Changes the statistics interval; 0 pauses the requests. A device created without
     /// statistics has no statistics queue and cannot gain one: the call is then ignored
     /// (check `stats_enabled` first to report that to the user).
