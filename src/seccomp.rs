@@ -32,7 +32,7 @@
 //! with `PROT_EXEC`, `socket` only for `AF_UNIX`, `tgkill` only with the vCPU kick signal or
 //! SIGABRT, `madvise` only `MADV_DONTNEED`, `fcntl` only the commands used.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -119,21 +119,21 @@ type Cond = (u8, SeccompCmpOp, u64);
 #[derive(Default)]
 struct List {
     calls: BTreeMap<i64, Option<Vec<Vec<Cond>>>>,
-    names: BTreeMap<&'static str, ()>,
+    names: BTreeSet<&'static str>,
 }
 
 impl List {
     /// Allows `nr` with any arguments.
     fn any(&mut self, name: &'static str, nr: i64) -> &mut Self {
         self.calls.insert(nr, None);
-        self.names.insert(name, ());
+        self.names.insert(name);
         self
     }
 
     /// Allows `nr` when every (argument index, comparison, value) of `conds` holds; several
     /// calls for one syscall are alternatives.
     fn when(&mut self, name: &'static str, nr: i64, conds: &[Cond]) -> &mut Self {
-        self.names.insert(name, ());
+        self.names.insert(name);
         // `None` means the call is already allowed with any arguments.
         if let Some(rules) = self.calls.entry(nr).or_insert_with(|| Some(Vec::new())) {
             rules.push(conds.to_vec());
@@ -373,7 +373,7 @@ fn list(kind: ThreadKind) -> List {
 
 /// The names of the system calls `kind` may make (some only with certain arguments).
 pub fn allowed(kind: ThreadKind) -> Vec<&'static str> {
-    list(kind).names.keys().copied().collect()
+    list(kind).names.into_iter().collect()
 }
 
 /// The compiled filter for `kind` at `level`; `None` when the level is `Off`.
