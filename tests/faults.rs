@@ -82,10 +82,7 @@ fn kill_9_a_hundred_times_loses_no_acknowledged_record() {
             std::thread::sleep(Duration::from_micros(rng.below(40_000)));
             in_counting += 1;
         }
-        vm.signal(libc::SIGKILL);
-        let st = vm
-            .wait_exit(EXIT_LIMIT)
-            .unwrap_or_else(|| panic!("{what}: no exit after SIGKILL"));
+        let st = vm.kill();
         assert_eq!(
             std::os::unix::process::ExitStatusExt::signal(&st),
             Some(libc::SIGKILL),

@@ -407,8 +407,7 @@ fn a_thousand_clients_for_a_minute() {
     // The guest counted through all of it: once per number, in order, each durable.
     let before = vm.last_count().unwrap();
     vm.wait_count_above(Some(before + 3), "after the load");
-    vm.signal(libc::SIGKILL);
-    vm.wait_exit(EXIT_LIMIT).expect("SIGKILL");
+    vm.kill();
     let counts = vm.counts();
     for (i, c) in counts.iter().enumerate() {
         assert_eq!(*c, i as u64, "the count sequence broke at line {i}");

@@ -194,8 +194,7 @@ fn a_killed_vm_continues_counting_in_a_new_process() {
     std::thread::sleep(Duration::from_millis(300));
     let took = create(&sock, &snap, &mem, "Full");
     let (before, partial) = last_count_and_partial(&vm);
-    vm.signal(libc::SIGKILL);
-    vm.wait_exit(EXIT_LIMIT).expect("SIGKILL");
+    vm.kill();
     println!(
         "[snapshot-count] Full snapshot of a 128 MiB probe guest: {took:?}; memory file {} MiB long, {:.2} MiB allocated; state file {} bytes",
         mib(std::fs::metadata(&mem).unwrap().len()),
@@ -241,8 +240,7 @@ fn a_killed_vm_continues_counting_in_a_new_process() {
     );
     resume(&sock2);
     vm2.wait_count_above(Some(after + 2), "after a snapshot of the restored VM");
-    vm2.signal(libc::SIGKILL);
-    vm2.wait_exit(EXIT_LIMIT).expect("SIGKILL");
+    vm2.kill();
 
     // Every count either process printed has its record on the disk, all from one run: the
     // restored guest is the same run, continuing.
@@ -305,8 +303,7 @@ fn a_diff_holds_what_changed_and_restores_merged() {
         400,
         &["Full snapshot first"],
     );
-    vm.signal(libc::SIGKILL);
-    vm.wait_exit(EXIT_LIMIT).expect("SIGKILL");
+    vm.kill();
     println!(
         "[snapshot-diff] Full: {full_took:?}, {:.2} MiB allocated; Diff after 10 MiB rewritten: {diff_took:?}, {:.2} MiB allocated (both files {} MiB long)",
         mib(allocated(&base_mem)),
@@ -396,8 +393,7 @@ fn ten_clones_share_one_memory_file() {
     );
     assert_eq!(out.code, Some(0), "ledge snapshot create: {}", out.stderr);
     assert_eq!(state(&sock), "Running", "--pause resumes afterwards");
-    vm.signal(libc::SIGKILL);
-    vm.wait_exit(EXIT_LIMIT).expect("SIGKILL");
+    vm.kill();
     assert!(
         allocated(&mem) >= 32 * MIB,
         "the guest's 32 MiB are in the snapshot ({:.2} MiB)",
@@ -482,8 +478,7 @@ fn damaged_snapshots_are_refused_before_any_vm_exists() {
         400,
         &["track_dirty_pages"],
     );
-    vm.signal(libc::SIGKILL);
-    vm.wait_exit(EXIT_LIMIT).expect("SIGKILL");
+    vm.kill();
 
     let good = std::fs::read(&snap).unwrap();
     let variant = |name: &str, bytes: &[u8]| -> PathBuf {
@@ -641,8 +636,7 @@ fn kill_9_while_snapshotting_leaves_a_loadable_snapshot() {
     pause(&sock);
     let full = create(&sock, &snap, &mem, "Full");
     println!("[snapshot-kill-9] a Full snapshot of 96 MiB in use takes {full:?} here");
-    vm.signal(libc::SIGKILL);
-    vm.wait_exit(EXIT_LIMIT).expect("SIGKILL");
+    vm.kill();
 
     // Each round restores what is on disk, and kills the next snapshot at another moment.
     // Up to and past the whole snapshot's time, so the kill also lands in the renames.
@@ -657,8 +651,7 @@ fn kill_9_while_snapshotting_leaves_a_loadable_snapshot() {
         let mut c = Conn::connect(&sock);
         let req = std::thread::spawn(move || c.send("PUT", "/snapshot/create", Some(&body)));
         std::thread::sleep(Duration::from_millis(*delay));
-        vm.signal(libc::SIGKILL);
-        vm.wait_exit(EXIT_LIMIT).expect("SIGKILL");
+        vm.kill();
         let outcome = req.join().unwrap();
         println!(
             "[snapshot-kill-9] round {i}: killed {delay} ms into the snapshot: {}",
@@ -818,8 +811,7 @@ fn a_full_disk_fails_the_snapshot_and_keeps_the_older_one() {
         &dir.join("roomy.mem"),
         "Full",
     );
-    vm.signal(libc::SIGKILL);
-    vm.wait_exit(EXIT_LIMIT).expect("SIGKILL");
+    vm.kill();
 
     // The older snapshot restores, with its own memory (round 1), and the newer one round 2.
     for (snap, mem, round) in [
@@ -876,8 +868,7 @@ fn a_restored_vm_keeps_its_live_balloon_changes() {
     want(&get(&sock, "/balloon"), "before the snapshot");
     pause(&sock);
     create(&sock, &snap, &mem, "Full");
-    vm.signal(libc::SIGKILL);
-    vm.wait_exit(EXIT_LIMIT).expect("SIGKILL");
+    vm.kill();
 
     let sock2 = dir.join("b.sock");
     let (mut vm2, _) = restore(&sock2, &snap, &mem, false);
@@ -886,7 +877,6 @@ fn a_restored_vm_keeps_its_live_balloon_changes() {
         &get(&sock2, "/vm/config")["balloon"],
         "the restored VM's GET /vm/config",
     );
-    vm2.signal(libc::SIGKILL);
-    let _ = vm2.wait_exit(EXIT_LIMIT);
+    vm2.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }

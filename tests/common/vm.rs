@@ -480,6 +480,13 @@ impl Ledge {
             .unwrap_or_else(|| panic!("ledge did not exit after SIGTERM:\n{}", self.diag()))
     }
 
+    /// SIGKILL, then the exit status (fails the test if it is not gone within EXIT_LIMIT).
+    pub fn kill(&mut self) -> ExitStatus {
+        self.signal(libc::SIGKILL);
+        self.wait_exit(EXIT_LIMIT)
+            .unwrap_or_else(|| panic!("ledge did not exit after SIGKILL:\n{}", self.diag()))
+    }
+
     /// The guest's `virtio:` device lines, as (device_id, features).
     pub fn virtio_devices(&mut self) -> Vec<(u64, u64)> {
         self.wait_line("LEDGE-PROBE done");
