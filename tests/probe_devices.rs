@@ -496,13 +496,7 @@ const WINDOW: u32 = 64;
 #[test]
 fn probe_net_echoes_frames_through_a_tap() {
     let test = "probe_net_echoes_frames_through_a_tap";
-    if !require_kvm(test) {
-        return;
-    }
-    if !require_root(
-        test,
-        "needs root to create a TAP interface and an AF_PACKET socket",
-    ) {
+    if !require_tap_test(test) {
         return;
     }
     let name = format!("lpd{}", std::process::id() % 1_000_000);
@@ -524,17 +518,8 @@ fn probe_net_echoes_frames_through_a_tap() {
     let t0 = Instant::now();
     let bytes = echo_frames(&sock, FRAMES, WINDOW, None);
     let dt = t0.elapsed().as_secs_f64();
-    sock.send(&stop_frame());
-    let Some(done) = guest.wait_line(&["net: echoed="], Duration::from_secs(30)) else {
-        panic!("the guest did not stop on STOP: {:?}", guest.seen);
-    };
-    assert_eq!(field(&done, "end"), "stop", "{done}");
+    let done = stop_net_echo(&mut guest, &sock);
     assert!(num(&done, "echoed") >= u64::from(FRAMES), "{done}");
-    assert_eq!(
-        guest.wait_exit(Duration::from_secs(30)),
-        Some(0),
-        "ledge must exit 0"
-    );
     println!(
         "net echo: {FRAMES} frames ({bytes} bytes each way) in {dt:.3} s = {:.0} frames/s, {:.1} MB/s each way (window {WINDOW})",
         f64::from(FRAMES) / dt,
@@ -549,13 +534,7 @@ fn probe_net_echoes_frames_through_a_tap() {
 #[test]
 fn probe_count_with_log_and_net_echo() {
     let test = "probe_count_with_log_and_net_echo";
-    if !require_kvm(test) {
-        return;
-    }
-    if !require_root(
-        test,
-        "needs root to create a TAP interface and an AF_PACKET socket",
-    ) {
+    if !require_tap_test(test) {
         return;
     }
     let dir = scratch(test);

@@ -260,12 +260,7 @@ fn patch_changes_the_limit_of_a_running_disk() {
 fn patch_changes_the_limits_of_a_running_interface() {
     let _one = one_vm();
     let test = "patch_changes_the_limits_of_a_running_interface";
-    if !require_kvm(test)
-        || !require_root(
-            test,
-            "needs root to create a TAP interface and an AF_PACKET socket",
-        )
-    {
+    if !require_tap_test(test) {
         return;
     }
     let dir = scratch(test);
@@ -347,11 +342,7 @@ fn patch_changes_the_limits_of_a_running_interface() {
     println!("  tx limit removed: {rate:.3} MiB/s");
     assert!(rate > 1.0, "without the transmit limit: {rate:.3} MiB/s");
 
-    sock.send(&stop_frame());
-    guest
-        .wait_line(&["net: echoed="], Duration::from_secs(60))
-        .unwrap_or_else(|| panic!("the guest did not stop: {:?}", guest.seen));
-    assert_eq!(guest.wait_exit(Duration::from_secs(30)), Some(0));
+    stop_net_echo(&mut guest, &sock);
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -363,12 +354,7 @@ fn patch_changes_the_limits_of_a_running_interface() {
 fn net_rx_and_tx_limits_hold_within_ten_percent() {
     let _one = one_vm();
     let test = "net_rx_and_tx_limits_hold_within_ten_percent";
-    if !require_kvm(test)
-        || !require_root(
-            test,
-            "needs root to create a TAP interface and an AF_PACKET socket",
-        )
-    {
+    if !require_tap_test(test) {
         return;
     }
     let tap = Tap::create(&format!("lrl{}", std::process::id() % 1_000_000));
@@ -392,11 +378,7 @@ fn net_rx_and_tx_limits_hold_within_ten_percent() {
         let rate = bytes as f64 / MIB / secs;
         // Past the initial bucket (see the top of this file).
         let sustained = bytes.saturating_sub(BUCKET) as f64 / MIB / secs;
-        sock.send(&stop_frame());
-        guest
-            .wait_line(&["net: echoed="], Duration::from_secs(60))
-            .unwrap_or_else(|| panic!("the guest did not stop: {:?}", guest.seen));
-        assert_eq!(guest.wait_exit(Duration::from_secs(30)), Some(0));
+        stop_net_echo(&mut guest, &sock);
         match want {
             None => {
                 println!("net echo unlimited: {rate:.2} MiB/s ({bytes} bytes)");
@@ -457,8 +439,7 @@ fn a_restored_vm_keeps_its_patched_limits() {
         "/snapshot/create",
         &serde_json::json!({"snapshot_path": snap, "mem_file_path": mem}).to_string(),
     );
-    vm.signal(libc::SIGKILL);
-    vm.wait_exit(Duration::from_secs(30)).expect("SIGKILL");
+    vm.kill();
 
     let mut vm2 = Ledge::serve(&sock2, &[]);
     ok(

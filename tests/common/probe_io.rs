@@ -91,6 +91,16 @@ pub fn require_root(test: &str, why: &str) -> bool {
     false
 }
 
+/// The gate of a test that echoes frames through a TAP: KVM (see `require_kvm`), and root for
+/// the TAP and the AF_PACKET socket; false (with the reason printed) when the test skips.
+pub fn require_tap_test(test: &str) -> bool {
+    super::require_kvm(test)
+        && require_root(
+            test,
+            "needs root to create a TAP interface and an AF_PACKET socket",
+        )
+}
+
 /// GUEST_MAC as `--net mac=` takes it (02:4c:...).
 pub fn guest_mac() -> String {
     GUEST_MAC
@@ -118,6 +128,22 @@ pub fn spawn_net_echo(net: &str, extra: &[&str]) -> (super::Guest, String) {
         .wait_line(&["net: dev=0", "net: error="], Duration::from_secs(60))
         .unwrap_or_else(|| panic!("the guest never said it was ready: {:?}", guest.seen));
     (guest, ready)
+}
+
+/// Ends the net-echo scenario: a STOP frame on `sock`, then the guest's `net: echoed=` line
+/// (returned), which must say the guest ended on the STOP, and ledge's exit status 0.
+pub fn stop_net_echo(guest: &mut super::Guest, sock: &RawSocket) -> String {
+    sock.send(&stop_frame());
+    let done = guest
+        .wait_line(&["net: echoed="], Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("the guest did not stop on STOP: {:?}", guest.seen));
+    assert!(done.split_whitespace().any(|w| w == "end=stop"), "{done}");
+    assert_eq!(
+        guest.wait_exit(Duration::from_secs(30)),
+        Some(0),
+        "ledge must exit 0"
+    );
+    done
 }
 
 pub fn ip(args: &[&str]) -> bool {
