@@ -547,7 +547,8 @@ impl Controller {
     }
 
     /// The updates given (None: that limiter stays as it is), on the running VM's devices and
-    /// then in this configuration.
+    /// then in this configuration; the first that fails ends it, and the ones made before it
+    /// are recorded all the same (the VMM's configuration has them too).
     fn patch_limiters(
         &mut self,
         what: &str,
@@ -555,12 +556,15 @@ impl Controller {
     ) -> Result<(), ApiError> {
         let vmm = self.running_vmm(what)?;
         let mut done = Vec::with_capacity(updates.len());
+        let mut result = Ok(());
         for (slot, update) in updates {
-            if let Some(u) = update {
-                let now = vmm
-                    .update_rate_limiter(*slot, u)
-                    .map_err(|e| ApiError::bad_request(error_chain(&e)))?;
-                done.push((*slot, now));
+            let Some(u) = update else { continue };
+            match vmm.update_rate_limiter(*slot, u) {
+                Ok(now) => done.push((*slot, now)),
+                Err(e) => {
+                    result = Err(ApiError::bad_request(error_chain(&e)));
+                    break;
+                }
             }
         }
         for (slot, now) in done {
@@ -568,7 +572,7 @@ impl Controller {
                 *limits = now;
             }
         }
-        Ok(())
+        result
     }
 
     fn create_snapshot(&mut self, p: &types::SnapshotCreateParams) -> Reply {
