@@ -26,9 +26,20 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
 
-targets="${LEDGE_FUZZ_TARGETS:-$(cargo fuzz list)}"
 echo "fuzz.sh: building the fuzz targets (stable, no sanitizer)"
-cargo fuzz build -s none
+if [ -n "${LEDGE_FUZZ_TARGETS:-}" ]; then
+    # Only those named; a name that is no target is reported below.
+    targets="$LEDGE_FUZZ_TARGETS"
+    known=" $(cargo fuzz list | tr '\n' ' ') "
+    for t in $targets; do
+        if [[ "$known" == *" $t "* ]]; then
+            cargo fuzz build -s none "$t"
+        fi
+    done
+else
+    targets="$(cargo fuzz list)"
+    cargo fuzz build -s none
+fi
 
 triple="$(rustc -vV | sed -n 's/^host: //p')"
 bin_dir="fuzz/target/$triple/release"
